@@ -1,0 +1,18 @@
+"""lightning-mpipemoe: pipelined, memory-reusing expert parallelism for Lightning and Hugging Face."""
+
+from lightning_mpipemoe.config import RESTORE_STRATEGIES, ExecutorConfig
+from lightning_mpipemoe.groups import MoEProcessGroups, build_process_groups, check_parallel_sizes
+from lightning_mpipemoe.moe import ExpertWeights, RoutingStats, expert_parallel_forward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RESTORE_STRATEGIES",
+    "ExecutorConfig",
+    "ExpertWeights",
+    "MoEProcessGroups",
+    "RoutingStats",
+    "build_process_groups",
+    "check_parallel_sizes",
+    "expert_parallel_forward",
+]

@@ -1,0 +1,133 @@
+"""The expert-parallel MoE executor: permute, dispatch, expert FFN, combine, unpermute.
+
+Its inputs are exactly Hugging Face's experts signature (`hidden [T, H]`,
+`top_k_index [T, K]`, `top_k_weights [T, K]`) plus the local expert weights and an explicit
+expert-parallel group. This module holds the plain (unpipelined) path: every fast path is
+checked against it, outputs and every gradient.
+
+Shape legend: T tokens, K top-k, H model dim, S dispatched rows, L local experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed import ProcessGroup
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+from lightning_mpipemoe import kernels
+from lightning_mpipemoe.config import ExecutorConfig
+from lightning_mpipemoe.moe.dispatch import DispatchPlan, check_routing, group_size, plan_dispatch
+from lightning_mpipemoe.moe.experts import ExpertWeights, expert_ffn
+
+__all__ = ["RoutingStats", "compute_dtype", "expert_parallel_forward"]
+
+
+@dataclass
+class RoutingStats:
+    """Running routing metrics of one layer (what was sent, what was dropped), for logging."""
+
+    tokens_per_expert_E: torch.Tensor | None = None
+    dropped: int = 0
+    calls: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def record(self, plans: list[DispatchPlan]) -> None:
+        sent_E = sum(plan.sent_per_expert_E for plan in plans)
+        self.tokens_per_expert_E = sent_E if self.tokens_per_expert_E is None else self.tokens_per_expert_E + sent_E
+        self.dropped += sum(plan.num_dropped for plan in plans)
+        self.calls += 1
+
+    def reset(self) -> None:
+        self.tokens_per_expert_E, self.dropped, self.calls = None, 0, 0
+
+
+def compute_dtype(hidden_TH: torch.Tensor) -> torch.dtype:
+    """The dtype rows travel and compute in: autocast's when it is on, else the input's."""
+    device_type = hidden_TH.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden_TH.dtype
+
+
+def all_to_all(rows_SH: torch.Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup | None) -> torch.Tensor:
+    """Differentiable all-to-all with uneven splits (identity on a group of one)."""
+    if group_size(group) == 1:
+        return rows_SH
+    return all_to_all_single_autograd(rows_SH.contiguous(), out_splits, in_splits, group)
+
+
+def _run_partition(
+    hidden_TH: torch.Tensor,
+    weights_TK: torch.Tensor,
+    plan: DispatchPlan,
+    experts: ExpertWeights,
+    ep_group: ProcessGroup | None,
+    combine_group: ProcessGroup | None,
+) -> torch.Tensor:
+    rows_SH = kernels.permute(hidden_TH, plan.src_token_S)
+    received_SH = all_to_all(rows_SH, plan.recv_splits, plan.send_splits, ep_group)
+    if group_size(ep_group) > 1:
+        received_SH = kernels.permute(received_SH, plan.regroup_S)
+    out_SH = expert_ffn(received_SH, plan.expert_offsets_L, experts)
+    if group_size(ep_group) > 1:
+        out_SH = kernels.permute(out_SH, plan.unregroup_S)
+    returned_SH = all_to_all(out_SH, plan.send_splits, plan.recv_splits, combine_group)
+    return kernels.unpermute(returned_SH, plan.pos_TK, weights_TK)
+
+
+def expert_parallel_forward(
+    hidden_TH: torch.Tensor,
+    top_k_index_TK: torch.Tensor,
+    top_k_weights_TK: torch.Tensor,
+    experts: ExpertWeights,
+    *,
+    ep_group: ProcessGroup | None = None,
+    combine_group: ProcessGroup | None = None,
+    config: ExecutorConfig | None = None,
+    capacity: int | None = None,
+    capacity_group_size: int | None = None,
+    stats: RoutingStats | None = None,
+) -> torch.Tensor:
+    """Run the experts of one MoE layer over the expert-parallel group; returns `[T, H]`.
+
+    `experts` holds this rank's `E / ep_size` experts (rank r owns experts
+    `r*L .. r*L + L-1`). `capacity` (with `capacity_group_size`) drops overflow slots, which
+    then contribute zero. `combine_group` may be a second communicator over the same ranks.
+    """
+    config = config or ExecutorConfig()
+    experts.check()
+    ep_size = group_size(ep_group)
+    num_experts = experts.num_local_experts * ep_size
+    check_routing(hidden_TH, top_k_index_TK, top_k_weights_TK, num_experts, experts.hidden_size)
+    if combine_group is not None and group_size(combine_group) != ep_size:
+        raise ValueError(
+            f"combine_group has {group_size(combine_group)} ranks but ep_group has {ep_size}; "
+            "they must span the same ranks"
+        )
+    combine_group = combine_group if combine_group is not None else ep_group
+    plans = plan_dispatch(
+        top_k_index_TK,
+        num_experts,
+        ep_group,
+        num_partitions=config.num_partitions,
+        capacity=capacity,
+        capacity_group_size=capacity_group_size,
+    )
+    if stats is not None:
+        stats.record(plans)
+    rows_TH = hidden_TH.to(compute_dtype(hidden_TH))
+    outputs = [
+        _run_partition(
+            rows_TH[plan.token_start : plan.token_end],
+            top_k_weights_TK[plan.token_start : plan.token_end],
+            plan,
+            experts,
+            ep_group,
+            combine_group,
+        )
+        for plan in plans
+    ]
+    out_TH = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+    return out_TH.to(hidden_TH.dtype)

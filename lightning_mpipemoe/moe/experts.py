@@ -1,0 +1,105 @@
+"""Expert weights in Hugging Face's fused layout, and the expert FFN over per-expert segments.
+
+Shape legend: S rows (tokens already grouped by expert), H model dim, I expert hidden dim,
+O = 2I for gated experts (gate and up concatenated) or I for plain ones, E local experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lightning_mpipemoe import kernels
+
+__all__ = ["ExpertWeights", "expert_ffn", "expert_input_projection", "expert_activation", "expert_output_projection"]
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """The experts one rank holds, as views of its parameters (no copies).
+
+    `w_in_EOH` is Hugging Face's `gate_up_proj [E, 2I, H]` (gate rows first) for gated experts
+    or the stacked Switch `wi [E, I, H]` for plain ones; `w_out_EHI` is `down_proj [E, H, I]`
+    (stacked `wo`). `gate_fn` overrides the default `activation(gate) * up`, for families
+    whose experts module defines its own `_apply_gate`.
+    """
+
+    w_in_EOH: torch.Tensor
+    w_out_EHI: torch.Tensor
+    b_in_EO: torch.Tensor | None = None
+    b_out_EH: torch.Tensor | None = None
+    gated: bool = True
+    activation: Callable[[torch.Tensor], torch.Tensor] = F.silu
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w_in_EOH.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w_in_EOH.shape[2]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w_out_EHI.shape[2]
+
+    def check(self) -> None:
+        """Raise a ValueError naming the inconsistent shape."""
+        if self.w_in_EOH.dim() != 3 or self.w_out_EHI.dim() != 3:
+            raise ValueError(
+                f"expert weights must be 3-D [E, out, in]; got w_in {tuple(self.w_in_EOH.shape)}, "
+                f"w_out {tuple(self.w_out_EHI.shape)}"
+            )
+        e, o, h = self.w_in_EOH.shape
+        width = 2 * self.intermediate_size if self.gated else self.intermediate_size
+        if self.w_out_EHI.shape != (e, h, self.intermediate_size) or o != width:
+            kind = "gated (w_in [E, 2I, H])" if self.gated else "plain (w_in [E, I, H])"
+            raise ValueError(
+                f"{kind} experts need w_out [E, H, I] matching w_in; got w_in {tuple(self.w_in_EOH.shape)}, "
+                f"w_out {tuple(self.w_out_EHI.shape)}"
+            )
+        if self.b_in_EO is not None and self.b_in_EO.shape != (e, o):
+            raise ValueError(f"b_in must be [E, {o}] = [{e}, {o}], got {tuple(self.b_in_EO.shape)}")
+        if self.b_out_EH is not None and self.b_out_EH.shape != (e, h):
+            raise ValueError(f"b_out must be [E, H] = [{e}, {h}], got {tuple(self.b_out_EH.shape)}")
+
+
+def _rows_expert_bias(bias_EX: torch.Tensor, offsets_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
+    expert_of_row_S = torch.repeat_interleave(torch.arange(len(counts_E), device=bias_EX.device), counts_E.to(bias_EX.device))
+    return bias_EX[expert_of_row_S[:num_rows]]
+
+
+def expert_input_projection(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+    """GEMM1: the pre-activation expert hidden T_M `[S, O]` (what recomputation rebuilds)."""
+    pre_SO = kernels.grouped_mm(x_SH, experts.w_in_EOH, offsets_E)
+    if experts.b_in_EO is not None:
+        pre_SO = pre_SO + _rows_expert_bias(experts.b_in_EO, offsets_E, x_SH.shape[0])
+    return pre_SO
+
+
+def expert_activation(pre_SO: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+    if experts.gate_fn is not None:
+        return experts.gate_fn(pre_SO)
+    if experts.gated:
+        gate_SI, up_SI = pre_SO.chunk(2, dim=-1)
+        return experts.activation(gate_SI) * up_SI
+    return experts.activation(pre_SO)
+
+
+def expert_output_projection(act_SI: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+    """GEMM2: the expert output T_DO `[S, H]`."""
+    y_SH = kernels.grouped_mm(act_SI, experts.w_out_EHI, offsets_E)
+    if experts.b_out_EH is not None:
+        y_SH = y_SH + _rows_expert_bias(experts.b_out_EH, offsets_E, act_SI.shape[0])
+    return y_SH
+
+
+def expert_ffn(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+    """The expert FFN over contiguous per-expert row segments (`offsets_E`: cumulative ends)."""
+    pre_SO = expert_input_projection(x_SH, offsets_E, experts)
+    return expert_output_projection(expert_activation(pre_SO, experts), offsets_E, experts)
