@@ -2,7 +2,16 @@
 
 from lightning_mpipemoe.config import RESTORE_STRATEGIES, ExecutorConfig
 from lightning_mpipemoe.groups import MoEProcessGroups, build_process_groups, check_parallel_sizes
-from lightning_mpipemoe.moe import ExpertWeights, RoutingStats, expert_parallel_forward
+from lightning_mpipemoe.moe import (
+    ExpertWeights,
+    MoELayer,
+    RoutingStats,
+    SwitchRouter,
+    TopKRouter,
+    expert_parallel_forward,
+    load_balancing_loss,
+    router_z_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -10,9 +19,14 @@ __all__ = [
     "RESTORE_STRATEGIES",
     "ExecutorConfig",
     "ExpertWeights",
+    "MoELayer",
     "MoEProcessGroups",
     "RoutingStats",
+    "SwitchRouter",
+    "TopKRouter",
     "build_process_groups",
     "check_parallel_sizes",
     "expert_parallel_forward",
+    "load_balancing_loss",
+    "router_z_loss",
 ]

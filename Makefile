@@ -1,0 +1,26 @@
+# Two entry points: `make run` (the main job) and `make test` (the test suite). Each creates
+# .venv and installs what it needs, once (re-installs when the requirements change).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test clean-venv
+
+$(STAMP): pyproject.toml requirements-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-cpu.txt
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m lightning_mpipemoe.demo
+
+# pytest's exit code 5 (no test collected) is a failure too.
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
+
+clean-venv:
+	rm -rf $(VENV)
