@@ -12,6 +12,7 @@ from lightning_mpipemoe.moe import (
     load_balancing_loss,
     router_z_loss,
 )
+from lightning_mpipemoe.hf_models import experts_interface as _hf_experts  # noqa: F401  registers "mpipemoe" with transformers' ExpertsInterface
 
 __version__ = "0.1.0"
 

@@ -2,8 +2,9 @@
 
 Its inputs are exactly Hugging Face's experts signature (`hidden [T, H]`,
 `top_k_index [T, K]`, `top_k_weights [T, K]`) plus the local expert weights and an explicit
-expert-parallel group. This module holds the plain (unpipelined) path: every fast path is
-checked against it, outputs and every gradient.
+expert-parallel group. This module holds the plain (unpipelined) path, which every fast
+path is checked against (outputs and every gradient), and routes pipelined configurations
+(`num_partitions > 1` or a restore strategy) to `pipeline.pipelined_experts`.
 
 Shape legend: T tokens, K top-k, H model dim, S dispatched rows, L local experts.
 """
@@ -17,11 +18,20 @@ from torch.distributed import ProcessGroup
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from lightning_mpipemoe import kernels
-from lightning_mpipemoe.config import ExecutorConfig
+from lightning_mpipemoe.config import ExecutorConfig, SimulatedLink
+from lightning_mpipemoe.moe.comm import linked_all_to_all
 from lightning_mpipemoe.moe.dispatch import DispatchPlan, check_routing, group_size, plan_dispatch
 from lightning_mpipemoe.moe.experts import ExpertWeights, expert_ffn
+from lightning_mpipemoe.moe.memory import PipelineRecord
+from lightning_mpipemoe.moe.pipeline import combined_positions, pipelined_experts
 
-__all__ = ["RoutingStats", "compute_dtype", "expert_parallel_forward"]
+__all__ = [
+    "RoutingStats",
+    "compute_dtype",
+    "expert_parallel_forward",
+    "pipelined_expert_parallel_forward",
+    "reference_expert_parallel_forward",
+]
 
 
 @dataclass
@@ -51,10 +61,19 @@ def compute_dtype(hidden_TH: torch.Tensor) -> torch.dtype:
     return hidden_TH.dtype
 
 
-def all_to_all(rows_SH: torch.Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup | None) -> torch.Tensor:
-    """Differentiable all-to-all with uneven splits (identity on a group of one)."""
+def all_to_all(
+    rows_SH: torch.Tensor,
+    out_splits: list[int],
+    in_splits: list[int],
+    group: ProcessGroup | None,
+    link: SimulatedLink | None = None,
+) -> torch.Tensor:
+    """Differentiable all-to-all with uneven splits (identity on a group of one), over the
+    simulated link when one is configured (so that the reference pays the same wire)."""
     if group_size(group) == 1:
         return rows_SH
+    if link is not None:
+        return linked_all_to_all(rows_SH.contiguous(), out_splits, in_splits, group, link)
     return all_to_all_single_autograd(rows_SH.contiguous(), out_splits, in_splits, group)
 
 
@@ -65,15 +84,16 @@ def _run_partition(
     experts: ExpertWeights,
     ep_group: ProcessGroup | None,
     combine_group: ProcessGroup | None,
+    link: SimulatedLink | None = None,
 ) -> torch.Tensor:
     rows_SH = kernels.permute(hidden_TH, plan.src_token_S)
-    received_SH = all_to_all(rows_SH, plan.recv_splits, plan.send_splits, ep_group)
+    received_SH = all_to_all(rows_SH, plan.recv_splits, plan.send_splits, ep_group, link)
     if group_size(ep_group) > 1:
         received_SH = kernels.permute(received_SH, plan.regroup_S)
     out_SH = expert_ffn(received_SH, plan.expert_offsets_L, experts)
     if group_size(ep_group) > 1:
         out_SH = kernels.permute(out_SH, plan.unregroup_S)
-    returned_SH = all_to_all(out_SH, plan.send_splits, plan.recv_splits, combine_group)
+    returned_SH = all_to_all(out_SH, plan.send_splits, plan.recv_splits, combine_group, link)
     return kernels.unpermute(returned_SH, plan.pos_TK, weights_TK)
 
 
@@ -95,8 +115,77 @@ def expert_parallel_forward(
     `experts` holds this rank's `E / ep_size` experts (rank r owns experts
     `r*L .. r*L + L-1`). `capacity` (with `capacity_group_size`) drops overflow slots, which
     then contribute zero. `combine_group` may be a second communicator over the same ranks.
+    `config.num_partitions > 1` or `config.restore != "none"` takes the pipelined executor
+    (`pipeline.py`); the default (n = 1, no reuse) takes the plain reference path.
     """
     config = config or ExecutorConfig()
+    engine = "pipelined" if config.pipelined else "reference"
+    return _execute(
+        hidden_TH, top_k_index_TK, top_k_weights_TK, experts, ep_group=ep_group, combine_group=combine_group,
+        config=config, capacity=capacity, capacity_group_size=capacity_group_size, stats=stats, engine=engine,
+    )
+
+
+def reference_expert_parallel_forward(
+    hidden_TH: torch.Tensor,
+    top_k_index_TK: torch.Tensor,
+    top_k_weights_TK: torch.Tensor,
+    experts: ExpertWeights,
+    *,
+    ep_group: ProcessGroup | None = None,
+    combine_group: ProcessGroup | None = None,
+    config: ExecutorConfig | None = None,
+    capacity: int | None = None,
+    capacity_group_size: int | None = None,
+    stats: RoutingStats | None = None,
+) -> torch.Tensor:
+    """The plain path for any config: partitions one after another under autograd, no reuse
+    (`config.restore` is ignored; `config.link` applies). The oracle of the pipeline's tests."""
+    return _execute(
+        hidden_TH, top_k_index_TK, top_k_weights_TK, experts, ep_group=ep_group, combine_group=combine_group,
+        config=config or ExecutorConfig(), capacity=capacity, capacity_group_size=capacity_group_size, stats=stats,
+        engine="reference",
+    )
+
+
+def pipelined_expert_parallel_forward(
+    hidden_TH: torch.Tensor,
+    top_k_index_TK: torch.Tensor,
+    top_k_weights_TK: torch.Tensor,
+    experts: ExpertWeights,
+    *,
+    ep_group: ProcessGroup | None = None,
+    combine_group: ProcessGroup | None = None,
+    config: ExecutorConfig | None = None,
+    capacity: int | None = None,
+    capacity_group_size: int | None = None,
+    stats: RoutingStats | None = None,
+    record: PipelineRecord | None = None,
+) -> torch.Tensor:
+    """The pipelined executor for any config, n = 1 without reuse included; `record` (a
+    `PipelineRecord`) receives its buffer peaks, host bytes, wire time and schedule trace."""
+    return _execute(
+        hidden_TH, top_k_index_TK, top_k_weights_TK, experts, ep_group=ep_group, combine_group=combine_group,
+        config=config or ExecutorConfig(), capacity=capacity, capacity_group_size=capacity_group_size, stats=stats,
+        engine="pipelined", record=record,
+    )
+
+
+def _execute(
+    hidden_TH: torch.Tensor,
+    top_k_index_TK: torch.Tensor,
+    top_k_weights_TK: torch.Tensor,
+    experts: ExpertWeights,
+    *,
+    ep_group: ProcessGroup | None,
+    combine_group: ProcessGroup | None,
+    config: ExecutorConfig,
+    capacity: int | None,
+    capacity_group_size: int | None,
+    stats: RoutingStats | None,
+    engine: str,
+    record: PipelineRecord | None = None,
+) -> torch.Tensor:
     experts.check()
     ep_size = group_size(ep_group)
     num_experts = experts.num_local_experts * ep_size
@@ -118,6 +207,13 @@ def expert_parallel_forward(
     if stats is not None:
         stats.record(plans)
     rows_TH = hidden_TH.to(compute_dtype(hidden_TH))
+    if engine == "pipelined":
+        combined_NH = pipelined_experts(
+            rows_TH, plans, experts, dispatch_group=ep_group, combine_group=combine_group,
+            restore=config.restore, link=config.link, record=record,
+        )
+        out_TH = kernels.unpermute(combined_NH, combined_positions(plans), top_k_weights_TK)
+        return out_TH.to(hidden_TH.dtype)
     outputs = [
         _run_partition(
             rows_TH[plan.token_start : plan.token_end],
@@ -126,6 +222,7 @@ def expert_parallel_forward(
             experts,
             ep_group,
             combine_group,
+            config.link,
         )
         for plan in plans
     ]

@@ -74,11 +74,17 @@ def _rows_expert_bias(bias_EX: torch.Tensor, offsets_E: torch.Tensor, num_rows: 
     return bias_EX[expert_of_row_S[:num_rows]]
 
 
+def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in the rows' compute dtype (autocast: fp32 master weights, bf16 rows);
+    autograd carries the gradient back through the cast in the parameter's dtype."""
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
 def expert_input_projection(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     """GEMM1: the pre-activation expert hidden T_M `[S, O]` (what recomputation rebuilds)."""
-    pre_SO = kernels.grouped_mm(x_SH, experts.w_in_EOH, offsets_E)
+    pre_SO = kernels.grouped_mm(x_SH, _in_dtype(experts.w_in_EOH, x_SH.dtype), offsets_E)
     if experts.b_in_EO is not None:
-        pre_SO = pre_SO + _rows_expert_bias(experts.b_in_EO, offsets_E, x_SH.shape[0])
+        pre_SO = pre_SO + _in_dtype(_rows_expert_bias(experts.b_in_EO, offsets_E, x_SH.shape[0]), x_SH.dtype)
     return pre_SO
 
 
@@ -93,9 +99,9 @@ def expert_activation(pre_SO: torch.Tensor, experts: ExpertWeights) -> torch.Ten
 
 def expert_output_projection(act_SI: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     """GEMM2: the expert output T_DO `[S, H]`."""
-    y_SH = kernels.grouped_mm(act_SI, experts.w_out_EHI, offsets_E)
+    y_SH = kernels.grouped_mm(act_SI, _in_dtype(experts.w_out_EHI, act_SI.dtype), offsets_E)
     if experts.b_out_EH is not None:
-        y_SH = y_SH + _rows_expert_bias(experts.b_out_EH, offsets_E, act_SI.shape[0])
+        y_SH = y_SH + _in_dtype(_rows_expert_bias(experts.b_out_EH, offsets_E, act_SI.shape[0]), act_SI.dtype)
     return y_SH
 
 

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The one prepared GPU check of lightning-mpipemoe: GPU tests and timing tables, one section per
+# component. Run from anywhere on a CUDA machine (keep the whole script under 8 minutes):
+#
+#     bash benchmarks/gpu_check.sh            # PYTHON=... to pick the interpreter (default python3)
+#
+# Results land in benchmarks/results/ (and are copied to $OUT when that is set, as on the lent
+# device machine). A failing section does not stop the later ones; the exit status is non-zero
+# if any section failed. To add a component: append a section at the end, in the same form, with
+# its own `timeout` so that one hung step cannot eat the others' time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p benchmarks/results
+FAILED=()
+START=$SECONDS
+
+section() { printf '\n========== %s (t=%ss) ==========\n' "$1" "$((SECONDS - START))"; }
+step() {  # step NAME TIMEOUT_S CMD...: run, record a failure, carry on
+    local name=$1 limit=$2
+    shift 2
+    if ! timeout "$limit" "$@"; then
+        echo "!!! FAILED: $name"
+        FAILED+=("$name")
+    fi
+}
+save() {  # save FILE...: copy results back from the device machine
+    if [ -n "${OUT:-}" ]; then cp "$@" "$OUT/" 2>/dev/null || true; fi
+}
+
+# ---------------------------------------------------------------------------------------------
+section "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
+"$PY" -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+if ! "$PY" -c "import lightning_mpipemoe.kernels" 2>/dev/null; then
+    # Editable install, offline and without dependencies: only maps the package folders.
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . || { echo "cannot install the package"; exit 1; }
+fi
+"$PY" -c "import lightning_mpipemoe.kernels as k; print('kernels from', k.__file__)"
+XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi  # parallel Triton compiles
+
+# ---------------------------------------------------------------------------------------------
+# Section: kernels (issue 8) -- permute / unpermute / grouped GEMM: GPU tests, then the timing
+# table against the PyTorch reference and the bounds (HBM bytes, bf16 matmul rate) at
+# Mixtral-like sizes. Writes benchmarks/results/kernels_gpu.json.
+section "kernels: GPU tests"
+step "kernels GPU tests" 270 "$PY" -m pytest -m gpu --gpu tests/test_kernels.py -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
+section "kernels: benchmark"
+step "kernels benchmark" 180 "$PY" benchmarks/bench_kernels.py --out benchmarks/results/kernels_gpu.json
+save benchmarks/results/kernels_gpu.json
+
+# ---------------------------------------------------------------------------------------------
+# Section: pipeline (issue 3) -- the pipelined expert-parallel executor on CUDA: its lanes
+# (dispatch / combine / copy streams with events) and pinned offload against the plain path,
+# on one rank and on two ranks sharing the GPU over gloo; then the memory table (n x restore)
+# with the allocator's peaks beside the buffer pool's records and the analytic model.
+# Writes benchmarks/results/pipeline_memory.json (the CPU run's file is overwritten there only).
+section "pipeline: GPU tests"
+step "pipeline GPU tests" 150 env OMP_NUM_THREADS=1 "$PY" -m pytest -m gpu --gpu tests/test_pipeline.py -q -p no:cacheprovider
+section "pipeline: memory table"
+step "pipeline memory table" 120 env OMP_NUM_THREADS=1 "$PY" benchmarks/bench_pipeline_memory.py --device cuda --partitions 1 4
+save benchmarks/results/pipeline_memory.json
+
+# ---------------------------------------------------------------------------------------------
+# (next component's section goes here)
+
+# ---------------------------------------------------------------------------------------------
+section "summary"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    printf 'failed: %s\n' "${FAILED[@]}"
+    exit 1
+fi
+echo "all GPU sections passed in $((SECONDS - START)) s"

@@ -1,0 +1,150 @@
+"""Shared pieces of the pipeline benchmarks: a spawn launcher, the benchmark layer, timing.
+
+The layer is one rank's MoE layer: a linear router (softmax, top-k, renormalised) and the
+expert-parallel executor. The router is part of it so that the layer input is held for
+backward as in a real model (its gate GEMM keeps it), which is what DESIGN.md's memory
+model counts as T_I.
+
+Shape legend: T tokens, H model dim, I expert hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import statistics
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_mpipemoe import ExpertWeights
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=10))
+        result = fn(rank, world, *args)
+        if rank == 0:
+            queue.put(("ok", result))
+    except BaseException:
+        queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(fn, world: int, *args):
+    """Run `fn(rank, world, *args)` on `world` spawned gloo processes; returns rank 0's result."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(world, _free_port(), fn, args, queue), nprocs=world, start_method="spawn")
+    status, payload = queue.get()
+    if status != "ok":
+        raise RuntimeError(payload)
+    return payload
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    tokens: int = 4096
+    hidden: int = 256
+    intermediate: int = 512
+    experts: int = 8
+    top_k: int = 2
+    gated: bool = True
+
+
+def build_layer(spec: LayerSpec, rank: int, world: int, seed: int = 0):
+    """Parameters of one rank (router gate, local experts) and its input batch."""
+    gen = torch.Generator().manual_seed(seed)
+    local = spec.experts // world
+    width = 2 * spec.intermediate if spec.gated else spec.intermediate
+    gate_HE = torch.randn(spec.hidden, spec.experts, generator=gen) * 0.02
+    w_in_EOH = torch.randn(spec.experts, width, spec.hidden, generator=gen) / spec.hidden**0.5
+    w_out_EHI = torch.randn(spec.experts, spec.hidden, spec.intermediate, generator=gen) / spec.intermediate**0.5
+    params = {
+        "gate_HE": gate_HE,
+        "w_in_EOH": w_in_EOH[rank * local : (rank + 1) * local].clone(),
+        "w_out_EHI": w_out_EHI[rank * local : (rank + 1) * local].clone(),
+    }
+    params = {k: v.requires_grad_() for k, v in params.items()}
+    batch_gen = torch.Generator().manual_seed(seed + 1 + rank)
+    hidden_TH = torch.randn(spec.tokens, spec.hidden, generator=batch_gen)
+    return params, hidden_TH
+
+
+def route(hidden_TH: torch.Tensor, gate_HE: torch.Tensor, top_k: int):
+    probs_TE = (hidden_TH @ gate_HE).softmax(dim=-1)
+    weights_TK, index_TK = probs_TE.topk(top_k, dim=-1)
+    return index_TK, weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+
+
+def experts_of(params: dict, spec: LayerSpec) -> ExpertWeights:
+    return ExpertWeights(params["w_in_EOH"], params["w_out_EHI"], gated=spec.gated)
+
+
+def summarize(times: list[float]) -> dict:
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "runs": len(times),
+    }
+
+
+def timed_once(step) -> float:
+    """Wall time of `step()` on every rank together: a barrier before, and the slowest
+    rank's time (all-reduce max), so that every rank reports the same figure."""
+    dist.barrier()
+    start = time.perf_counter()
+    step()
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed)
+
+
+def timed_round_robin(steps: dict, repeats: int, warmup: int = 1) -> dict:
+    """Times of every step in `steps`, `repeats` rounds of one run each, interleaved, so that
+    a shared machine's changing load falls on every configuration alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            times[key].append(timed_once(step))
+    return times
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def machine_note() -> dict:
+    return {
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

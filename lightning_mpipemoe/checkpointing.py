@@ -1,0 +1,362 @@
+"""Checkpoints of expert-parallel training: one directory, the replicated part once and the
+expert shards of every EP rank, written atomically; loadable at any EP size.
+
+Layout of a checkpoint `path` (a directory, e.g. `epoch=0-step=3.ckpt/`)::
+
+    meta.ckpt                        global rank 0: Lightning's checkpoint (loops, callbacks,
+                                     schedulers, hparams, ...) with the replicated weights and
+                                     the replicated optimizer state, and a "mpipemoe" section:
+                                     format version, EP size, expert keys with their global
+                                     expert counts, executor (tuner) state per MoE layer
+    experts-ep00000-of-00002.ckpt    EP rank 0 (written by its expert-dp rank 0): its expert
+    experts-ep00001-of-00002.ckpt    shards and their optimizer state
+
+Optimizer state is keyed by parameter name, not by position, so that it can be split by name
+and re-sliced for another EP size: an expert's state tensors that have the shape of its
+shard are cut along dim 0 like the weights; scalars (Adam's `step`) are shared.
+
+Atomicity: every rank writes into `.{name}.tmp-{token}/` next to the target; after a barrier
+global rank 0 renames it into place (an existing checkpoint of that name is first renamed
+to `.{name}.old-{token}` and removed after). A crash before the rename leaves the previous
+checkpoint as it was, and only a temporary directory behind (removed by the next save of
+that name). The directory must be on a filesystem every rank sees (like any sharded
+checkpoint), and local: renames on object stores are not atomic.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_mpipemoe.groups import MoEProcessGroups
+
+__all__ = [
+    "FORMAT_VERSION",
+    "META_FILE",
+    "SECTION",
+    "assemble_checkpoint",
+    "commit_directory",
+    "consolidate_checkpoint",
+    "expert_rows",
+    "gather_full_state_dict",
+    "is_mpipemoe_checkpoint",
+    "needed_shards",
+    "new_token",
+    "optimizer_state_by_index",
+    "optimizer_state_by_name",
+    "read_checkpoint",
+    "remove_stale",
+    "shard_file",
+    "split_checkpoint",
+    "temporary_directory",
+]
+
+FORMAT_VERSION = 1
+META_FILE = "meta.ckpt"
+SECTION = "mpipemoe"
+
+
+def shard_file(ep_rank: int, ep_size: int) -> str:
+    return f"experts-ep{ep_rank:05d}-of-{ep_size:05d}.ckpt"
+
+
+def expert_rows(num_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
+    """`[start, end)` of the global experts that EP rank `ep_rank` of `ep_size` holds."""
+    if num_experts % ep_size:
+        raise ValueError(f"{num_experts} experts cannot be split over an EP size of {ep_size}")
+    local = num_experts // ep_size
+    return ep_rank * local, (ep_rank + 1) * local
+
+
+# ------------------------------------------------------------------------------ optimizer state
+
+
+def optimizer_state_by_name(optimizer: Optimizer, names: Mapping[int, str]) -> dict[str, Any]:
+    """`optimizer.state_dict()` with parameter names (`names`: id(param) -> name) for indices."""
+    state_dict = optimizer.state_dict()
+    index_to_name: dict[int, str] = {}
+    for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
+        for param, index in zip(group["params"], saved["params"]):
+            if id(param) not in names:
+                raise ValueError(
+                    f"the optimizer holds a parameter of shape {tuple(param.shape)} that is not a parameter of the "
+                    "LightningModule; the mpipemoe strategy saves optimizer state by parameter name"
+                )
+            index_to_name[index] = names[id(param)]
+    return {
+        "state": {index_to_name[index]: state for index, state in state_dict["state"].items()},
+        "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in state_dict["param_groups"]],
+    }
+
+
+def optimizer_state_by_index(named: Mapping[str, Any], optimizer: Optimizer, names: Mapping[int, str]) -> dict[str, Any]:
+    """The inverse of `optimizer_state_by_name` for `optimizer` (its parameters in its order)."""
+    current = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    saved = [list(g["params"]) for g in named["param_groups"]]
+    if current != saved:
+        raise ValueError(
+            "the checkpoint's optimizer holds other parameters than this optimizer "
+            f"(checkpoint: {sum(map(len, saved))} in {len(saved)} groups, now: {sum(map(len, current))} in "
+            f"{len(current)} groups); first difference: "
+            f"{next((s, c) for s, c in zip(sum(saved, []) + [None], sum(current, []) + [None]) if s != c)}"
+        )
+    name_to_index = {name: index for index, name in enumerate(sum(current, []))}
+    return {
+        "state": {name_to_index[name]: state for name, state in named["state"].items()},
+        "param_groups": [{**g, "params": [name_to_index[n] for n in g["params"]]} for g in named["param_groups"]],
+    }
+
+
+# ------------------------------------------------------------------------------ split / assemble
+
+
+def split_checkpoint(
+    checkpoint: Mapping[str, Any], expert_keys: Mapping[str, int], ep_size: int, world_size: int, executor_state: dict
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Lightning's checkpoint dict -> (meta for global rank 0, this EP rank's expert shard).
+
+    `checkpoint["optimizer_states"]` must be name-keyed (`optimizer_state_by_name`).
+    """
+    state_dict = checkpoint["state_dict"]
+    missing = sorted(k for k in expert_keys if k not in state_dict)
+    if missing:
+        raise KeyError(f"expert parameters missing from the LightningModule's state dict: {missing[:5]}")
+    meta = dict(checkpoint)
+    meta["state_dict"] = {k: v for k, v in state_dict.items() if k not in expert_keys}
+    shard: dict[str, Any] = {
+        "state_dict": {k: state_dict[k] for k in expert_keys},
+        "param_shapes": {k: tuple(state_dict[k].shape) for k in expert_keys},
+    }
+    if "optimizer_states" in checkpoint:
+        meta["optimizer_states"], shard["optimizer_states"] = [], []
+        for named in checkpoint["optimizer_states"]:
+            state = named["state"]
+            meta["optimizer_states"].append(
+                {"state": {n: s for n, s in state.items() if n not in expert_keys}, "param_groups": named["param_groups"]}
+            )
+            shard["optimizer_states"].append({"state": {n: s for n, s in state.items() if n in expert_keys}})
+    meta[SECTION] = {
+        "format_version": FORMAT_VERSION,
+        "ep_size": ep_size,
+        "world_size": world_size,
+        "expert_keys": dict(expert_keys),
+        "executor_state": executor_state,
+    }
+    return meta, shard
+
+
+def needed_shards(expert_keys: Mapping[str, int], old_ep_size: int, new_ep_size: int, new_ep_rank: int) -> list[int]:
+    """The EP ranks of the saved layout whose shard files hold experts of `new_ep_rank`."""
+    ranks: set[int] = set()
+    for num_experts in set(expert_keys.values()):
+        start, end = expert_rows(num_experts, new_ep_size, new_ep_rank)
+        old_local = num_experts // old_ep_size
+        ranks.update(range(start // old_local, (end - 1) // old_local + 1))
+    return sorted(ranks)
+
+
+def _take_rows(pieces: Mapping[int, torch.Tensor], num_experts: int, old_ep_size: int, start: int, end: int) -> torch.Tensor:
+    old_local = num_experts // old_ep_size
+    parts = []
+    for rank in range(start // old_local, (end - 1) // old_local + 1):
+        lo, hi = max(start, rank * old_local) - rank * old_local, min(end, (rank + 1) * old_local) - rank * old_local
+        parts.append(pieces[rank][lo:hi])
+    if len(parts) > 1:
+        return torch.cat(parts)
+    whole = parts[0].shape[0] == pieces[start // old_local].shape[0]
+    return parts[0] if whole else parts[0].clone()  # a slice would keep the other experts' storage alive
+
+
+def _reshard_state(key, per_rank, shape_of, num_experts, old_ep_size, start, end) -> dict | None:
+    present = {r: s for r, s in per_rank.items() if s is not None}
+    if not present:
+        return None
+    if len(present) != len(per_rank):
+        raise ValueError(f"optimizer state of {key!r} is saved by EP ranks {sorted(present)} only, needed {sorted(per_rank)}")
+    first_rank = min(present)
+    out = {}
+    for name, value in present[first_rank].items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) == shape_of[first_rank]:
+            out[name] = _take_rows({r: s[name] for r, s in present.items()}, num_experts, old_ep_size, start, end)
+        else:
+            out[name] = value
+    return out
+
+
+def assemble_checkpoint(meta: Mapping[str, Any], shards: Mapping[int, Mapping[str, Any]], ep_size: int, ep_rank: int) -> dict:
+    """The checkpoint dict of EP rank `ep_rank` of `ep_size` from the saved meta and the shard
+    files it needs (`needed_shards`), at any saved EP size; optimizer state stays name-keyed."""
+    info = meta[SECTION]
+    old_ep_size, expert_keys = info["ep_size"], info["expert_keys"]
+    checkpoint = dict(meta)
+    state_dict = dict(meta["state_dict"])
+    for key, num_experts in expert_keys.items():
+        start, end = expert_rows(num_experts, ep_size, ep_rank)
+        covering = range(start // (num_experts // old_ep_size), (end - 1) // (num_experts // old_ep_size) + 1)
+        state_dict[key] = _take_rows({r: shards[r]["state_dict"][key] for r in covering}, num_experts, old_ep_size, start, end)
+    checkpoint["state_dict"] = state_dict
+    if "optimizer_states" in meta:
+        optimizer_states = []
+        for index, named in enumerate(meta["optimizer_states"]):
+            state = dict(named["state"])
+            for key, num_experts in expert_keys.items():
+                start, end = expert_rows(num_experts, ep_size, ep_rank)
+                old_local = num_experts // old_ep_size
+                covering = range(start // old_local, (end - 1) // old_local + 1)
+                per_rank = {r: shards[r]["optimizer_states"][index]["state"].get(key) for r in covering}
+                shape_of = {r: tuple(shards[r]["param_shapes"][key]) for r in covering}
+                resharded = _reshard_state(key, per_rank, shape_of, num_experts, old_ep_size, start, end)
+                if resharded is not None:
+                    state[key] = resharded
+            optimizer_states.append({"state": state, "param_groups": named["param_groups"]})
+        checkpoint["optimizer_states"] = optimizer_states
+    return checkpoint
+
+
+# -------------------------------------------------------------------------------------- files
+
+
+def is_mpipemoe_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def _missing_checkpoint_error(path: Path) -> FileNotFoundError:
+    leftovers = sorted(p.name for p in path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+    hint = (
+        f"; a save was interrupted between its two renames: the previous checkpoint is {leftovers[-1]!r} in "
+        f"{str(path.parent)!r} (rename it to {path.name!r})"
+        if leftovers
+        else ""
+    )
+    return FileNotFoundError(f"no mpipemoe checkpoint at {str(path)!r} (expected a directory with {META_FILE}){hint}")
+
+
+def read_checkpoint(
+    path: str | os.PathLike,
+    ep_size: int,
+    ep_rank: int,
+    checkpoint_io: CheckpointIO | None = None,
+    weights_only: bool | None = None,
+) -> dict:
+    """Read what EP rank `ep_rank` of `ep_size` needs from a checkpoint directory (any saved EP size)."""
+    path = Path(path)
+    if not is_mpipemoe_checkpoint(path):
+        raise _missing_checkpoint_error(path)
+    io = checkpoint_io or TorchCheckpointIO()
+    meta = io.load_checkpoint(path / META_FILE, weights_only=weights_only)
+    info = meta.get(SECTION, {})
+    if info.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: mpipemoe checkpoint format {info.get('format_version')!r}, expected {FORMAT_VERSION}")
+    old_ep_size = info["ep_size"]
+    shards = {
+        r: io.load_checkpoint(path / shard_file(r, old_ep_size), weights_only=weights_only)
+        for r in needed_shards(info["expert_keys"], old_ep_size, ep_size, ep_rank)
+    }
+    return assemble_checkpoint(meta, shards, ep_size, ep_rank)
+
+
+def consolidate_checkpoint(
+    path: str | os.PathLike,
+    *,
+    prefix: str | None = None,
+    checkpoint_io: CheckpointIO | None = None,
+    weights_only: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """One full state dict (every expert, replicated part once) from a checkpoint directory,
+    offline (no process group). `prefix` keeps only keys under it, with the prefix removed:
+    `consolidate_checkpoint(ckpt, prefix="model.")` gives a wrapped Hugging Face model's
+    (converted) state dict, which `hf_models.export_from_state_dicts([sd], config, out_dir)`
+    writes as a plain transformers checkpoint."""
+    state_dict = read_checkpoint(path, 1, 0, checkpoint_io, weights_only)["state_dict"]
+    if prefix is None:
+        return state_dict
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def temporary_directory(path: Path, token: str) -> Path:
+    return path.parent / f".{path.name}.tmp-{token}"
+
+
+def remove_stale(path: Path, keep: Path | None = None) -> None:
+    """Remove temporary directories of interrupted saves of `path` (all but `keep`)."""
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        if keep is None or stale != keep:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_files(directory: Path, names: list[str]) -> None:
+    for name in names:
+        _fsync(directory / name)
+
+
+def commit_directory(tmp: Path, path: Path, token: str) -> None:
+    """Put the complete directory `tmp` at `path` (replacing what is there) by renames."""
+    _fsync(tmp)
+    if path.exists() or path.is_symlink():
+        old = path.parent / f".{path.name}.old-{token}"
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        os.rename(tmp, path)
+    _fsync(path.parent)
+    for leftover in path.parent.glob(f".{path.name}.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+
+
+# ------------------------------------------------------------------------------------ live gather
+
+
+def gather_full_state_dict(
+    module: nn.Module,
+    expert_keys: Mapping[str, int],
+    groups: MoEProcessGroups,
+    dst_ep_rank: int = 0,
+    device: torch.device | None = None,
+) -> dict[str, torch.Tensor] | None:
+    """Collective over `groups.ep`: `module`'s state dict with every expert (concatenated in
+    EP-rank order) on EP rank `dst_ep_rank`; None on the other ranks. `device`: where the
+    shards travel (the backend's device; the module may have been moved to the CPU)."""
+    local = {k: v.detach() for k, v in module.state_dict().items()}
+    if groups.ep_size == 1 or not expert_keys:
+        return local
+    mine = groups.ep_rank == dst_ep_rank
+    dst = dist.get_global_rank(groups.ep, dst_ep_rank)
+    for key in sorted(expert_keys):
+        shard = local[key].to(device or local[key].device).contiguous()
+        pieces = [torch.empty_like(shard) for _ in range(groups.ep_size)] if mine else None
+        dist.gather(shard, pieces, dst=dst, group=groups.ep)
+        if mine:
+            local[key] = torch.cat(pieces).to(local[key].device)
+    return local if mine else None

@@ -1,0 +1,106 @@
+"""Per-step MoE metrics for Lightning's logger, synced with one all-reduce.
+
+Routing counts differ per rank (each rank counts the tokens it sent), so they are summed over
+the world; the executor's choices (n, restore strategy) are the same on every rank and are
+logged as they are. Everything is packed into one float64 tensor so that a step costs one
+small all-reduce, whatever the number of layers.
+
+Logged keys, per MoE layer `L` (its qualified name in the LightningModule):
+
+    moe/L/num_partitions      n of the layer's executor
+    moe/L/restore             index into `RESTORE_STRATEGIES` ("none", "s1".."s4" -> 0..4)
+    moe/L/tokens_max          tokens (top-k slots) routed to the busiest expert, whole world
+    moe/L/tokens_min          ... to the least busy expert
+    moe/L/load_imbalance      tokens_max / mean tokens per expert (1 = balanced)
+    moe/L/dropped_tokens      slots dropped by expert capacity, whole world
+    moe/L/tokens_e{i}         tokens of expert i (only with `per_expert=True`)
+    moe/L/{key}               numeric entries of `RoutingStats.extra`, mean over ranks
+    moe/aux_loss              mean over ranks of the "aux_loss" the training step returned
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from lightning_mpipemoe.config import RESTORE_STRATEGIES
+from lightning_mpipemoe.discovery import ExecutorView
+
+__all__ = ["moe_step_metrics"]
+
+
+def _numeric_extras(view: ExecutorView) -> dict[str, float]:
+    extra = view.stats.extra if view.stats is not None else {}
+    return {k: float(v) for k, v in sorted(extra.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def moe_step_metrics(
+    executors: Mapping[str, ExecutorView],
+    *,
+    aux_loss: torch.Tensor | None,
+    group: ProcessGroup | None,
+    world_size: int,
+    per_expert: bool = False,
+) -> dict[str, float]:
+    """This step's MoE metrics, identical on every rank. Collective over `group` (every rank
+    of the world, all with the same layers) when `world_size > 1`."""
+    layout: list[tuple[str, str, int]] = []  # (layer, what, length)
+    local: list[torch.Tensor] = []
+    for name, view in executors.items():
+        if view.stats is None:
+            continue
+        tokens_E = view.stats.tokens_per_expert_E
+        tokens_E = torch.zeros(view.num_experts) if tokens_E is None else tokens_E.detach().cpu()
+        layout.append((name, "tokens", view.num_experts))
+        local.append(tokens_E.to(torch.float64))
+        layout.append((name, "dropped", 1))
+        local.append(torch.tensor([float(view.stats.dropped)], dtype=torch.float64))
+        for key, value in _numeric_extras(view).items():
+            layout.append((name, f"extra:{key}", 1))
+            local.append(torch.tensor([value], dtype=torch.float64))
+    if aux_loss is not None:
+        layout.append(("", "aux_loss", 1))
+        local.append(aux_loss.detach().reshape(1).to("cpu", torch.float64))
+    packed = torch.cat(local) if local else torch.zeros(0, dtype=torch.float64)
+    if world_size > 1 and packed.numel():
+        packed = _all_reduce_sum(packed, group)
+
+    metrics: dict[str, float] = {}
+    for name, view in executors.items():
+        if isinstance(view.config.num_partitions, int):
+            metrics[f"moe/{name}/num_partitions"] = float(view.config.num_partitions)
+        if view.config.restore in RESTORE_STRATEGIES:
+            metrics[f"moe/{name}/restore"] = float(RESTORE_STRATEGIES.index(view.config.restore))
+    offset = 0
+    for name, what, length in layout:
+        values = packed[offset : offset + length]
+        offset += length
+        if what == "tokens":
+            metrics[f"moe/{name}/tokens_max"] = float(values.max())
+            metrics[f"moe/{name}/tokens_min"] = float(values.min())
+            mean = float(values.mean())
+            metrics[f"moe/{name}/load_imbalance"] = float(values.max()) / mean if mean > 0 else 0.0
+            if per_expert:
+                for e, count in enumerate(values.tolist()):
+                    metrics[f"moe/{name}/tokens_e{e}"] = count
+        elif what == "dropped":
+            metrics[f"moe/{name}/dropped_tokens"] = float(values[0])
+        elif what == "aux_loss":
+            metrics["moe/aux_loss"] = float(values[0]) / world_size
+        else:
+            metrics[f"moe/{name}/{what.removeprefix('extra:')}"] = float(values[0]) / world_size
+    return metrics
+
+
+def _all_reduce_sum(packed: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    backend = dist.get_backend(group)
+    if backend == "nccl":  # nccl reduces device tensors only
+        device = torch.device("cuda", torch.cuda.current_device())
+        on_device = packed.to(device)
+        dist.all_reduce(on_device, group=group)
+        return on_device.cpu()
+    dist.all_reduce(packed, group=group)
+    return packed

@@ -1,0 +1,568 @@
+"""`Trainer(strategy="mpipemoe")`: expert parallelism on the MPipeMoE executor, inside DDP.
+
+Why a `DDPStrategy` subclass and not `ModelParallelStrategy`: everything but the experts is
+replicated, and DDP's bucketed all-reduce that overlaps backward is exactly what those
+parameters need; DDP also brings the launchers (script, torchrun, SLURM, spawn), samplers and
+`no_sync` for gradient accumulation. `ModelParallelStrategy` is built around a DeviceMesh,
+FSDP2/DTensor parameters and torch.distributed.checkpoint, requires `configure_model` to
+parallelise by hand, and its checkpoints assume DTensor sharding: the experts here are plain
+tensors sharded along dim 0 by the executor's own process groups. What DDP lacks is added:
+expert parameters are excluded from DDP and reduced over the expert-data-parallel group
+(`grad_sync.py`), clipping uses the global norm, and checkpoints hold one shard per EP rank
+(`checkpointing.py`).
+
+Order of events in a run (Lightning's `Trainer._run`):
+
+1. `Trainer(...)`: `_configure_launcher` checks the EP size against devices x nodes and the
+   precision, before any process is launched.
+2. `setup_environment`: the default process group, then the ep / ep-combine / expert-dp / dp
+   groups (`groups.build_process_groups`, each with `timeout`).
+3. `configure_model` (the user's), then `setup`: MoE layers are found (`discovery.py`),
+   checked against the EP size, sharded (each rank keeps E/ep experts) and bound to the
+   executor with the strategy's config; expert shards are made identical across expert-dp
+   replicas; then DDP wraps the model with the experts ignored.
+4. Checkpoints are restored after setup (the model is sharded by then).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.optimizer import _optimizer_to_device
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_mpipemoe.checkpointing import (
+    META_FILE,
+    SECTION,
+    commit_directory,
+    fsync_files,
+    gather_full_state_dict,
+    new_token,
+    optimizer_state_by_index,
+    optimizer_state_by_name,
+    read_checkpoint,
+    remove_stale,
+    shard_file,
+    split_checkpoint,
+    temporary_directory,
+)
+from lightning_mpipemoe.config import RESTORE_STRATEGIES, ExecutorConfig, SimulatedLink
+from lightning_mpipemoe.discovery import ExecutorView, MoEUnit, find_moe_units, load_executor_state, read_executor_state
+from lightning_mpipemoe.grad_sync import clip_grad_norm_, reduce_expert_gradients
+from lightning_mpipemoe.groups import DEFAULT_TIMEOUT, MoEProcessGroups, build_process_groups, check_parallel_sizes
+from lightning_mpipemoe.moe_metrics import moe_step_metrics
+
+__all__ = ["MPipeMoEStrategy", "executor_overrides"]
+
+_LOG_LEVELS = ("layer", "expert", "off")
+
+
+def _config_accepts(field: str, value: Any) -> bool:
+    try:
+        ExecutorConfig(**{field: value})
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def executor_overrides(
+    granularity: int | str | None = None,
+    restore: str | None = None,
+    simulated_link: SimulatedLink | Mapping[str, float] | None = None,
+    memory_budget: int | None = None,
+) -> dict[str, Any]:
+    """The strategy's executor arguments as `ExecutorConfig` field overrides.
+
+    The one place that maps them: `granularity` -> `num_partitions` (n), `restore` ->
+    `restore`, `simulated_link` -> `link`, `memory_budget` -> `memory_budget`. None leaves
+    the field as the layer has it. A value this build's `ExecutorConfig` cannot take yet
+    ("auto" before the tuner exists, a memory budget) is an error, not a silent fallback.
+    """
+    fields = {f.name for f in dataclasses.fields(ExecutorConfig)}
+    overrides: dict[str, Any] = {}
+    if granularity is not None:
+        if granularity == "auto":
+            if not _config_accepts("num_partitions", "auto"):
+                raise ValueError(
+                    "granularity='auto' needs the adaptive-granularity tuner, which this build's ExecutorConfig does "
+                    "not support yet; pass a fixed number of micro-partitions n >= 1 (e.g. granularity=2)"
+                )
+        elif isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
+            raise ValueError(f"granularity must be 'auto' or an int >= 1, got {granularity!r}")
+        overrides["num_partitions"] = granularity
+    if restore is not None:
+        if restore == "auto":
+            if not _config_accepts("restore", "auto"):
+                raise ValueError(
+                    "restore='auto' needs the cost-model tuner, which this build's ExecutorConfig does not support "
+                    f"yet; pick one of {RESTORE_STRATEGIES}"
+                )
+        elif restore not in RESTORE_STRATEGIES:
+            raise ValueError(f"restore must be 'auto' or one of {RESTORE_STRATEGIES}, got {restore!r}")
+        overrides["restore"] = restore
+    if simulated_link is not None:
+        if "link" not in fields:
+            raise ValueError("simulated_link needs an ExecutorConfig with a `link` field, which this build lacks")
+        if isinstance(simulated_link, Mapping):
+            simulated_link = SimulatedLink(**simulated_link)
+        if not isinstance(simulated_link, SimulatedLink):
+            raise TypeError(f"simulated_link must be a SimulatedLink (or a dict of its fields), got {simulated_link!r}")
+        overrides["link"] = simulated_link
+    if memory_budget is not None:
+        if "memory_budget" not in fields:
+            raise ValueError(
+                "memory_budget needs the memory-aware tuner (choosing n and the restore strategy under a budget), "
+                "which this build's ExecutorConfig does not have yet"
+            )
+        overrides["memory_budget"] = memory_budget
+    ExecutorConfig(**overrides)  # the config's own checks, now rather than at the first forward
+    return overrides
+
+
+def _check_precision(plugin: Precision) -> None:
+    if isinstance(plugin, MixedPrecision):
+        if plugin.scaler is not None:
+            raise ValueError(
+                "MPipeMoEStrategy does not support precision='16-mixed': the gradient scaler's inf/nan check is per "
+                "rank and expert gradients differ across EP ranks, so ranks could disagree on skipping a step. "
+                "Use precision='bf16-mixed' (no scaler)."
+            )
+        return
+    if isinstance(plugin, (HalfPrecision, DoublePrecision)) or type(plugin) is Precision:
+        return
+    raise ValueError(
+        f"MPipeMoEStrategy does not support the {type(plugin).__name__} precision plugin; use precision="
+        "'32-true', 'bf16-mixed' or 'bf16-true' ('16-true' and '64-true' work too)"
+    )
+
+
+class MPipeMoEStrategy(DDPStrategy):
+    """Expert-parallel training with the MPipeMoE executor: experts sharded over EP groups,
+    everything else data parallel (DDP).
+
+    Args:
+        expert_parallel_size: ranks that share one copy of the experts (each holds E/ep of
+            them). Default: the devices of one node, so that EP groups stay within a node.
+        granularity: micro-partitions `n` per MoE call (an int), or "auto" once the tuner
+            exists. None keeps each layer's own setting.
+        restore: memory-reuse restore strategy, one of "none", "s1".."s4" (or "auto" once
+            the tuner exists). None keeps each layer's own setting.
+        memory_budget: MoE memory budget for the tuner (an error until the tuner exists).
+        simulated_link: a `config.SimulatedLink` (or a dict of its fields) that every
+            all-to-all also crosses, for schedule studies on CPU.
+        timeout: timeout of the default process group and of every MoE process group.
+        log_moe_metrics: "layer" (per-layer routing and executor metrics), "expert" (also the
+            tokens of every expert) or "off".
+        start_method: "popen" (scripts, torchrun, SLURM; registered as "mpipemoe") or "spawn"
+            (registered as "mpipemoe_spawn").
+        **kwargs: DDPStrategy's arguments (`find_unused_parameters`, `static_graph`, comm
+            hooks, ...), passed on to `DistributedDataParallel`.
+    """
+
+    def __init__(
+        self,
+        expert_parallel_size: Optional[int] = None,
+        granularity: int | str | None = None,
+        restore: Optional[str] = None,
+        memory_budget: Optional[int] = None,
+        simulated_link: SimulatedLink | Mapping[str, float] | None = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        log_moe_metrics: Literal["layer", "expert", "off"] = "layer",
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        ddp_comm_state: Optional[object] = None,
+        ddp_comm_hook: Optional[Callable] = None,
+        ddp_comm_wrapper: Optional[Callable] = None,
+        model_averaging_period: Optional[int] = None,
+        process_group_backend: Optional[str] = None,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        **kwargs: Any,
+    ) -> None:
+        if expert_parallel_size is not None and (
+            isinstance(expert_parallel_size, bool) or not isinstance(expert_parallel_size, int) or expert_parallel_size < 1
+        ):
+            raise ValueError(f"expert_parallel_size must be a positive int (or None), got {expert_parallel_size!r}")
+        if model_averaging_period is not None or ddp_comm_state is not None and "LocalSGD" in type(ddp_comm_state).__name__:
+            raise ValueError(
+                "MPipeMoEStrategy does not support post-local-SGD model averaging: it averages every parameter over "
+                "the world, which would mix the different experts of different EP ranks"
+            )
+        if log_moe_metrics not in _LOG_LEVELS:
+            raise ValueError(f"log_moe_metrics must be one of {_LOG_LEVELS}, got {log_moe_metrics!r}")
+        if timeout is not None and not isinstance(timeout, timedelta):
+            raise TypeError(f"timeout must be a datetime.timedelta, got {timeout!r}")
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            ddp_comm_state=ddp_comm_state,
+            ddp_comm_hook=ddp_comm_hook,
+            ddp_comm_wrapper=ddp_comm_wrapper,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            **kwargs,
+        )
+        self._expert_parallel_size = expert_parallel_size
+        self._overrides = executor_overrides(granularity, restore, simulated_link, memory_budget)
+        self._log_moe_metrics = log_moe_metrics
+        self._groups: MoEProcessGroups | None = None
+        self._units: list[MoEUnit] = []
+        self._expert_keys: dict[str, int] = {}
+        self._expert_params: list[nn.Parameter] = []
+
+    # ------------------------------------------------------------------------------ properties
+
+    @property
+    def expert_parallel_size(self) -> int:
+        """The EP size (resolved to the devices of one node when not given)."""
+        return self._expert_parallel_size or self.num_processes
+
+    @property
+    def moe_groups(self) -> MoEProcessGroups:
+        """The ep / expert-dp / dp groups of this rank (available from `configure_model` on)."""
+        if self._groups is None:
+            raise RuntimeError("the MoE process groups exist once the strategy's environment is set up")
+        return self._groups
+
+    @property
+    def expert_parameter_names(self) -> dict[str, int]:
+        """Expert-sharded parameter name (in the LightningModule) -> global expert count."""
+        return dict(self._expert_keys)
+
+    @property
+    def moe_executors(self) -> dict[str, ExecutorView]:
+        """Every MoE layer's executor (config, routing stats), by qualified name."""
+        return {name: view for unit in self._units for name, view in unit.executors().items()}
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        # The experts are sharded in `setup`; a checkpoint holds shards, so it loads after.
+        return True
+
+    # ----------------------------------------------------------------------- launch and groups
+
+    def _check_layout(self) -> None:
+        """Everything that can be checked before any process or collective exists."""
+        devices, nodes = self.num_processes, self.num_nodes
+        ep = self.expert_parallel_size
+        try:
+            check_parallel_sizes(devices * nodes, ep)
+        except ValueError as exc:
+            raise ValueError(f"MPipeMoEStrategy with {devices} devices x {nodes} nodes: {exc}") from exc
+        if nodes > 1 and (ep > devices or devices % ep):
+            rank_zero_warn(
+                f"expert_parallel_size={ep} with {devices} devices per node puts EP groups across nodes: every MoE "
+                "all-to-all then crosses the inter-node link. An EP size that divides the devices per node keeps "
+                "them within a node."
+            )
+        _check_precision(self.precision_plugin)
+
+    @override
+    def _configure_launcher(self) -> None:
+        self._check_layout()
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _MPipeMoESpawnLauncher(self, start_method=self._start_method)
+
+    @override
+    def setup_environment(self) -> None:
+        self._check_layout()  # before the rendezvous
+        super().setup_environment()
+        self._groups = build_process_groups(self.expert_parallel_size, timeout=self._timeout or DEFAULT_TIMEOUT)
+        groups = self._groups
+        rank_zero_info(
+            f"MPipeMoEStrategy: {groups.world_size} ranks = expert_parallel_size {groups.ep_size} x "
+            f"data_parallel {groups.expert_dp_size}"
+        )
+
+    # ------------------------------------------------------------------------------- the model
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        assert self.lightning_module is not None
+        self._prepare_moe(self.lightning_module)
+        super().setup(trainer)
+        named = dict(self.lightning_module.named_parameters())
+        self._expert_params = [named[k] for k in sorted(self._expert_keys) if named[k].requires_grad]
+        if any(hasattr(opt, "consolidate_state_dict") for opt in self.optimizers):
+            raise ValueError("MPipeMoEStrategy does not support optimizers that shard their state (ZeroRedundancyOptimizer)")
+        if self._expert_params:
+            # Lightning routes `gradient_clip_val` through the precision plugin the Trainer chose;
+            # this strategy's own plugin instance gets a global-norm `clip_grad_by_norm`.
+            self.precision_plugin.clip_grad_by_norm = partial(self._clip_grad_by_norm, self.precision_plugin)
+
+    def _prepare_moe(self, module: pl.LightningModule) -> None:
+        groups = self.moe_groups
+        units = find_moe_units(module)
+        if not units:
+            rank_zero_warn(
+                f"MPipeMoEStrategy found no MoE layer in {type(module).__name__} (neither a lightning_mpipemoe MoELayer "
+                "nor a Hugging Face MoE model that lightning_mpipemoe.hf_models covers); it trains as plain DDP"
+            )
+            self._units, self._expert_keys = [], {}
+            return
+        for unit in units:  # before anything collective or any sharding
+            for num_experts in unit.kind.num_experts(unit.module):
+                try:
+                    check_parallel_sizes(groups.world_size, groups.ep_size, num_experts)
+                except ValueError as exc:
+                    raise ValueError(f"MoE layer {unit.name!r}: {exc}") from exc
+        for unit in units:
+            try:
+                unit.kind.shard(unit.module, groups, self._overrides)
+            except ValueError as exc:
+                raise ValueError(f"MoE unit {unit.name!r} at expert_parallel_size={groups.ep_size}: {exc}") from exc
+        self._units = units
+        self._expert_keys = {key: count for unit in units for key, count in unit.expert_parameters().items()}
+        ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | set(self._expert_keys)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(ignored))
+        self._broadcast_expert_shards(module)
+
+    def _broadcast_expert_shards(self, module: nn.Module) -> None:
+        """Make the replicas of each expert shard identical (DDP does so for the rest)."""
+        groups = self.moe_groups
+        if groups.expert_dp_size == 1:
+            return
+        src = dist.get_global_rank(groups.expert_dp, 0)
+        named = dict(module.named_parameters())
+        with torch.no_grad():
+            for key in sorted(self._expert_keys):
+                dist.broadcast(named[key].data, src=src, group=groups.expert_dp)
+
+    # --------------------------------------------------------------------------- gradients
+
+    def _syncing_gradients(self) -> bool:
+        """False inside `no_sync` (gradient accumulation), as for DDP's own reduction."""
+        return not isinstance(self.model, DistributedDataParallel) or self.model.require_backward_grad_sync
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)
+        if self._expert_params and self._syncing_gradients():
+            reduce_expert_gradients(self._expert_params, self.moe_groups)
+
+    def clip_grad_norm_(self, parameters: Iterable[nn.Parameter], max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Clip by the global gradient norm (all experts of all EP ranks and the replicated part);
+        returns the norm. Collective: call on every rank (manual optimization)."""
+        return clip_grad_norm_(parameters, max_norm, self._expert_params, self.moe_groups, norm_type)
+
+    def _clip_grad_by_norm(self, plugin: Precision, optimizer: Optimizer, clip_val: float) -> None:
+        self.clip_grad_norm_(plugin.main_params(optimizer), clip_val)
+
+    # ------------------------------------------------------------------------------- logging
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        log = self._log_moe_metrics != "off" and bool(self._units)
+        if log:
+            for view in self.moe_executors.values():
+                if view.stats is not None:
+                    view.stats.reset()
+        output = super().training_step(*args, **kwargs)
+        if log:
+            self._log_step(output)
+        return output
+
+    def _log_step(self, output: Any) -> None:
+        aux = output.get("aux_loss") if isinstance(output, Mapping) else None
+        if aux is not None and not isinstance(aux, Tensor):
+            aux = torch.tensor(float(aux))
+        metrics = moe_step_metrics(
+            self.moe_executors,
+            aux_loss=aux,
+            group=self.moe_groups.dp,
+            world_size=self.world_size,
+            per_expert=self._log_moe_metrics == "expert",
+        )
+        metrics["moe/expert_state_bytes"] = float(self._expert_state_bytes())
+        assert self.lightning_module is not None
+        self.lightning_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def _expert_state_bytes(self) -> int:
+        """Bytes this rank holds for its experts: weights, gradients and optimizer state."""
+        named = dict(self.lightning_module.named_parameters())
+        params = [named[k] for k in self._expert_keys]
+        total = sum(p.numel() * p.element_size() for p in params)
+        total += sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        for optimizer in self.optimizers:
+            for p in params:
+                for value in optimizer.state.get(p, {}).values():
+                    if isinstance(value, Tensor):
+                        total += value.numel() * value.element_size()
+        return total
+
+    # --------------------------------------------------------------------------- checkpoints
+
+    def _param_names(self) -> dict[int, str]:
+        assert self.lightning_module is not None
+        return {id(p): name for name, p in self.lightning_module.named_parameters()}
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """Name-keyed optimizer state (`checkpointing.optimizer_state_by_name`)."""
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return optimizer_state_by_name(optimizer, self._param_names())
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        names = self._param_names()
+        for optimizer, named in zip(self.optimizers, checkpoint["optimizer_states"]):
+            optimizer.load_state_dict(optimizer_state_by_index(named, optimizer, names))
+            _optimizer_to_device(optimizer, self.root_device)
+
+    def _executor_state(self) -> dict[str, dict]:
+        return {name: read_executor_state(view) for name, view in self.moe_executors.items()}
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None) -> None:
+        """Collective: the checkpoint directory (`checkpointing.py`), written atomically."""
+        if storage_options is not None:
+            raise TypeError("MPipeMoEStrategy.save_checkpoint does not take storage_options")
+        if self._groups is None:
+            raise RuntimeError(
+                "MPipeMoEStrategy saves checkpoints from the training processes (e.g. ModelCheckpoint or a callback); "
+                "this process never set the strategy up (the main process of a spawn run holds the consolidated "
+                "weights only: trainer.lightning_module.state_dict())"
+            )
+        groups = self.moe_groups
+        path_str, token = self.broadcast((str(filepath), new_token()))
+        path = Path(path_str)
+        tmp = temporary_directory(path, token)
+        if self.is_global_zero:
+            remove_stale(path)
+            tmp.mkdir(parents=True)
+        self.barrier("mpipemoe.save_checkpoint.mkdir")
+        meta, shard = split_checkpoint(checkpoint, self._expert_keys, groups.ep_size, self.world_size, self._executor_state())
+        written = []
+        if self.is_global_zero:
+            self.checkpoint_io.save_checkpoint(meta, tmp / META_FILE)
+            written.append(META_FILE)
+        if groups.expert_dp_rank == 0:
+            name = shard_file(groups.ep_rank, groups.ep_size)
+            self.checkpoint_io.save_checkpoint(shard, tmp / name)
+            written.append(name)
+        fsync_files(tmp, written)
+        self.barrier("mpipemoe.save_checkpoint.written")
+        if self.is_global_zero:
+            commit_directory(tmp, path, token)
+        self.barrier("mpipemoe.save_checkpoint.committed")
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        groups = self.moe_groups
+        checkpoint = read_checkpoint(path, groups.ep_size, groups.ep_rank, self.checkpoint_io, weights_only)
+        saved = checkpoint[SECTION]["expert_keys"]
+        if saved != self._expert_keys:
+            differ = sorted(k for k in set(saved) | set(self._expert_keys) if saved.get(k) != self._expert_keys.get(k))
+            raise ValueError(
+                f"{path}: the checkpoint's expert parameters do not match the model's (key: checkpoint experts vs "
+                f"model experts): {[(k, saved.get(k), self._expert_keys.get(k)) for k in differ[:5]]}"
+            )
+        return checkpoint
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        super().load_model_state_dict(checkpoint, strict=strict)
+        saved = dict(checkpoint.get(SECTION, {}).get("executor_state", {}))
+        for name, view in self.moe_executors.items():
+            load_executor_state(view, saved.pop(name, {}), name)
+        leftover = sorted(name for name, state in saved.items() if state)
+        if leftover:
+            rank_zero_warn(f"the checkpoint holds executor state for MoE layers the model does not have: {leftover}")
+
+    def consolidated_state_dict(self, unconverted: bool = False) -> dict[str, Tensor] | None:
+        """Collective over the EP group: the LightningModule's state dict with every expert, on
+        EP rank 0 of each EP group (None elsewhere). `unconverted=True` maps Hugging Face units
+        back to their original keys (what an unsharded copy of the module loads)."""
+        full = gather_full_state_dict(self.lightning_module, self._expert_keys, self.moe_groups, device=self.root_device)
+        if full is None or not unconverted:
+            return full
+        for unit in self._units:
+            prefix = f"{unit.name}." if unit.name else ""
+            inner = {k[len(prefix) :]: full.pop(k) for k in [k for k in full if k.startswith(prefix)]}
+            full.update({prefix + k: v for k, v in unit.kind.to_unconverted(unit.module, inner).items()})
+        return full
+
+    @override
+    def teardown(self) -> None:
+        vars(self.precision_plugin).pop("clip_grad_by_norm", None)
+        super().teardown()  # the MoE groups stay: the spawn launcher gathers the experts after teardown
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            "mpipemoe",
+            cls,
+            description="MPipeMoE expert parallelism (DDP for the rest), subprocess launcher: scripts, torchrun, SLURM",
+            start_method="popen",
+        )
+        strategy_registry.register(
+            "mpipemoe_spawn",
+            cls,
+            description="MPipeMoE expert parallelism (DDP for the rest), spawn launcher",
+            start_method="spawn",
+        )
+
+
+class _MPipeMoESpawnLauncher(_MultiProcessingLauncher):
+    """The spawn launcher, handing the main process consolidated weights: its module was never
+    sharded, so rank 0's shards would not load into it."""
+
+    @override
+    def _collect_rank_zero_results(self, trainer: "pl.Trainer", results: Any) -> Optional[_WorkerOutput]:
+        strategy = self._strategy
+        assert isinstance(strategy, MPipeMoEStrategy)
+        callback = trainer.checkpoint_callback
+        best_model_path = callback.best_model_path if callback and hasattr(callback, "best_model_path") else None
+        if strategy._groups is not None:
+            state_dict = strategy.consolidated_state_dict(unconverted=True)  # collective over EP
+        else:
+            state_dict = trainer.lightning_module.state_dict()
+        if strategy.local_rank != 0:
+            return None
+        weights_path = None
+        if trainer.state.fn == TrainerFn.FITTING and state_dict is not None:
+            weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
+            strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
+        extra = self.get_extra_results(trainer)
+        return _WorkerOutput(best_model_path, weights_path, trainer.state, results, extra)
+
+
+if "mpipemoe" not in StrategyRegistry:
+    MPipeMoEStrategy.register_strategies(StrategyRegistry)

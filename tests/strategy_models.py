@@ -1,0 +1,257 @@
+"""LightningModules, data and callbacks for the strategy tests (module level: spawn pickles
+them by name), and the plain single-process training loop they are compared with.
+
+The loss of `TinyMoELM` is a mean over sequences of per-sequence terms (token cross-entropy
+over equally long sequences, plus a load-balancing loss computed per sequence), so the
+mean of the ranks' losses over their shards equals the loss of one process on the whole
+global batch: the single-process run is an exact reference for any split of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+
+import lightning_mpipemoe  # noqa: F401  isort: skip  (before transformers; see tests/hf_tiny.py)
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_mpipemoe import MoELayer, load_balancing_loss
+
+VOCAB = 32
+SEQ = 8
+GLOBAL_BATCH = 4
+STEPS = 5
+
+
+class TokenDataset(Dataset):
+    """`n` random sequences of `SEQ + 1` tokens (inputs and next-token targets), fixed by `seed`."""
+
+    def __init__(self, n: int = GLOBAL_BATCH * STEPS, seed: int = 0) -> None:
+        self.tokens = torch.randint(0, VOCAB, (n, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.tokens[index]
+
+    def global_batch(self, step: int, size: int = GLOBAL_BATCH) -> torch.Tensor:
+        """The rows that all ranks together train on at `step` (of the first epoch).
+
+        Lightning gives each rank a `DistributedSampler(shuffle=True, seed=0)`: one permutation
+        `randperm(n)` seeded with 0 for epoch 0, rank r of W taking positions r, r+W, ...; with
+        a per-rank batch of size/W, step s covers positions [s*size, (s+1)*size) for any W.
+        """
+        order = torch.randperm(len(self.tokens), generator=torch.Generator().manual_seed(0))
+        return self.tokens[order[step * size : (step + 1) * size]]
+
+
+class RecordingMoELayer(MoELayer):
+    """An MoE layer with executor state, like the tuner's: the n it used per token count."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.decisions: dict[str, int] = {}
+        self.loaded_state: dict | None = None
+
+    def forward(self, hidden):
+        self.decisions[str(hidden.numel() // hidden.shape[-1])] = self.config.num_partitions
+        return super().forward(hidden)
+
+    def executor_state_dict(self) -> dict:
+        return {"decisions": dict(self.decisions)}
+
+    def load_executor_state_dict(self, state: dict) -> None:
+        self.loaded_state = dict(state)
+        self.decisions = dict(state["decisions"])
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int, heads: int, intermediate: int, num_experts: int, top_k: int, layer_cls) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(hidden)
+        self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(hidden)
+        self.moe = layer_cls(hidden, intermediate, num_experts, top_k, init_std=0.2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.ln1(x)
+        attended, _ = self.attn(h, h, h, attn_mask=mask, need_weights=False)
+        x = x + attended
+        y, router_logits = self.moe(self.ln2(x))
+        return x + y, router_logits
+
+
+class TinyMoELM(pl.LightningModule):
+    """A two-block MoE language model (attention + MoE FFN), SGD with momentum."""
+
+    def __init__(
+        self,
+        hidden: int = 16,
+        intermediate: int = 24,
+        num_experts: int = 4,
+        top_k: int = 2,
+        layers: int = 2,
+        lr: float = 0.2,
+        momentum: float = 0.9,
+        aux_coef: float = 0.05,
+        record_decisions: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(seed)
+        layer_cls = RecordingMoELayer if record_decisions else MoELayer
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.blocks = nn.ModuleList(Block(hidden, 2, intermediate, num_experts, top_k, layer_cls) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, VOCAB)
+
+    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        seq = tokens_BS.shape[1]
+        mask = torch.triu(torch.full((seq, seq), float("-inf"), device=tokens_BS.device), diagonal=1)
+        x = self.embed(tokens_BS)
+        router_logits = []
+        for block in self.blocks:
+            x, logits = block(x, mask.to(x.dtype))
+            router_logits.append(logits)
+        return self.head(self.norm(x)), router_logits
+
+    def losses(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits_BSV, router_logits = self(inputs)
+        ce = F.cross_entropy(logits_BSV.float().reshape(-1, VOCAB), targets.reshape(-1))
+        batch_size, seq = inputs.shape
+        per_sequence = [logits.view(batch_size, seq, -1) for logits in router_logits]
+        hp = self.hparams
+        aux = torch.stack(
+            [load_balancing_loss(tuple(lg[b] for lg in per_sequence), hp.num_experts, hp.top_k) for b in range(batch_size)]
+        ).mean()
+        return {"loss": ce + hp.aux_coef * aux, "aux_loss": aux.detach()}
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.losses(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+
+
+class DenseLM(pl.LightningModule):
+    """No MoE layer at all: the strategy warns and trains it as plain DDP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self.head(self.embed(batch[:, :-1])).reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def loader(batch_size: int, dataset: Dataset | None = None) -> DataLoader:
+    return DataLoader(dataset if dataset is not None else TokenDataset(), batch_size=batch_size, shuffle=False)
+
+
+def reference_run(hparams: Mapping, steps: int = STEPS, clip: float | None = None, dtype=torch.float32) -> dict:
+    """Single-process training on the global batches: losses, gradient norms, state after each step."""
+    model = TinyMoELM(**hparams).to(dtype)
+    optimizer = model.configure_optimizers()
+    data = TokenDataset()
+    out = {"losses": [], "norms": [], "states": []}
+    for step in range(steps):
+        loss = model.training_step(data.global_batch(step), step)["loss"]
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out["losses"].append(loss.item())
+        out["norms"].append(norm.item())
+        out["states"].append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------ callbacks
+
+
+class LossRecorder(Callback):
+    """Appends `{"step", "loss"}` (the mean over ranks of their losses) to a JSON-lines file."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        mean = trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")
+        if trainer.is_global_zero:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": trainer.global_step, "loss": float(mean)}) + "\n")
+
+
+def read_losses(path: str | os.PathLike) -> dict[int, float]:
+    lines = Path(path).read_text().splitlines()
+    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+
+class SaveAt(Callback):
+    """`trainer.save_checkpoint(path)` after the given optimizer steps (`{step: path}`)."""
+
+    def __init__(self, paths: Mapping[int, str]) -> None:
+        self.paths = {int(k): str(v) for k, v in paths.items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        path = self.paths.get(trainer.global_step)
+        if path is not None:
+            trainer.save_checkpoint(path)
+
+
+class KillDuringSave(TorchCheckpointIO):
+    """On global rank `rank`, the `call`-th file write starts the file and then SIGKILLs its own
+    process: a rank dying in the middle of writing a checkpoint."""
+
+    def __init__(self, rank: int, call: int) -> None:
+        super().__init__()
+        self.rank, self.call, self.calls = rank, call, 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if torch.distributed.get_rank() == self.rank:
+            self.calls += 1
+            if self.calls == self.call:
+                Path(path).write_bytes(b"half a checkpoint")
+                os.kill(os.getpid(), signal.SIGKILL)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+class MemoryLogger(Logger):
+    """Keeps every `log_metrics` call (for the logging test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.records.append((step, dict(metrics)))

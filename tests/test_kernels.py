@@ -1,0 +1,444 @@
+"""Tests of `lightning_mpipemoe.kernels`: the custom ops, their CPU dispatch, the index helpers,
+the Triton kernels under the interpreter (in a subprocess), and GPU checks (`--gpu`).
+
+Every comparison is against the pure-PyTorch reference, outputs and every gradient, at awkward
+sizes (100 and 600 rows, experts with no tokens, K = 1, 2, 8, padding on and off).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernels_helpers import assert_close, make_routing, poisoned_empty
+
+from lightning_mpipemoe import kernels
+from lightning_mpipemoe.kernels import ops
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _leaf(t: torch.Tensor, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+    return t.detach().to(dtype=dtype or t.dtype, device=device).clone().requires_grad_(True)
+
+
+# --- Triton kernels under the interpreter (CPU) ------------------------------------------------
+
+
+def test_triton_kernels_under_interpreter(tmp_path):
+    """Runs tests/kernels_interpreted.py in a process started with TRITON_INTERPRET=1.
+
+    Triton fixes compiled-or-interpreted for its own language helpers when it is first imported,
+    and this process imported it long ago (torch does), hence the subprocess. The JUnit report
+    is read back so that a skipped or missing case fails here too.
+    """
+    report = tmp_path / "interpreted.xml"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "tests/kernels_interpreted.py", "-q", "-p", "no:cacheprovider"]
+    proc = subprocess.run(
+        [*cmd, f"--junitxml={report}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=170
+    )
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"interpreted kernel tests failed:\n{tail}"
+    suite = ET.parse(report).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
+    assert counts["failures"] == counts["errors"] == counts["skipped"] == 0, f"{counts}\n{tail}"
+    assert counts["tests"] >= 50, f"only {counts['tests']} interpreted cases ran:\n{tail}"
+
+
+# --- the custom ops on CPU (reference backend) -------------------------------------------------
+
+ROUTINGS = [
+    (100, 1, 4, (2,)),
+    (100, 2, 6, (0, 5)),
+    (100, 8, 10, (3, 7)),
+    (600, 2, 8, (1,)),
+    (600, 8, 9, (4,)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("routing_case", ROUTINGS, ids=lambda c: f"T{c[0]}-K{c[1]}-E{c[2]}")
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_cpu_ops_match_reference_autograd(dtype, routing_case, padded):
+    """The ops' registered backward formulas against autograd through the reference functions."""
+    num_tokens, top_k, num_experts, empty = routing_case
+    routing = make_routing(num_tokens, top_k, num_experts, empty_experts=empty, drop_every=7 if top_k > 1 else 0)
+    src_row, pos, offsets = routing.src_row_S, routing.pos_TK, routing.offsets_E
+    if padded:
+        layout = kernels.pad_segments(src_row, routing.counts_E, block=8)
+        src_row, pos, offsets = layout.src_row_P, layout.pad_pos(pos), layout.offsets_E
+    gen = torch.Generator().manual_seed(5)
+    hidden_TH = torch.randn(num_tokens, 24, generator=gen)
+    weights_TK = torch.rand(num_tokens, top_k, generator=gen)
+    w_EOD = torch.randn(num_experts, 16, 24, generator=gen) / 5
+    grad_TH = torch.randn(num_tokens, 16, generator=gen)
+
+    def run(permute, grouped_mm, unpermute, leaves):
+        x, w, w_e = leaves
+        rows = permute(x, src_row)
+        out = unpermute(grouped_mm(rows, w_e, offsets), pos, w)
+        (out.float() * grad_TH).sum().backward()
+        return out
+
+    got = [_leaf(hidden_TH, dtype), _leaf(weights_TK), _leaf(w_EOD, dtype)]
+    out = run(lambda x, s: kernels.permute(x, s, pos), kernels.grouped_mm, kernels.unpermute, got)
+    ref = [_leaf(t.detach()) for t in got]
+    out_ref = run(kernels.permute_reference, kernels.grouped_mm_reference, kernels.unpermute_reference, ref)
+    assert out.dtype == dtype
+    assert_close(out, out_ref, dtype, "output")
+    for name, a, b in zip(["hidden", "weights", "w"], got, ref):
+        assert a.grad.dtype == a.dtype
+        assert_close(a.grad, b.grad, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("counts, tail", [([30, 0, 45, 0, 15], 10), ([0, 0, 0], 7), ([600], 0)])
+def test_cpu_grouped_mm_zero_tail_and_empty_experts(counts, tail):
+    offsets = torch.cumsum(torch.tensor(counts), 0)
+    x = _leaf(torch.randn(sum(counts) + tail, 12))
+    w = _leaf(torch.randn(len(counts), 20, 12))
+    y = kernels.grouped_mm(x, w, offsets)
+    y.backward(torch.randn_like(y))
+    end = sum(counts)
+    assert torch.all(y[end:] == 0) and torch.all(x.grad[end:] == 0)
+    for e, count in enumerate(counts):
+        if count == 0:
+            assert torch.all(w.grad[e] == 0)
+    start = 0
+    for e, count in enumerate(counts):
+        torch.testing.assert_close(y[start : start + count], x[start : start + count] @ w[e].T)
+        start += count
+
+
+def test_unpermute_mixed_dtypes_promote_then_cast():
+    """bf16 rows with fp32 weights: fp32 products and sum, bf16 result, fp32 weight gradient."""
+    rows = _leaf(torch.randn(6, 8, dtype=torch.bfloat16))
+    pos = torch.tensor([[0, 3], [5, -1], [1, 2]])
+    weights = _leaf(torch.rand(3, 2))
+    out = kernels.unpermute(rows, pos, weights)
+    assert out.dtype == torch.bfloat16
+    expected = (rows.float()[0] * weights[0, 0] + rows.float()[3] * weights[0, 1]).to(torch.bfloat16)
+    torch.testing.assert_close(out[0], expected)
+    out.float().sum().backward()
+    assert weights.grad.dtype == torch.float32
+    torch.testing.assert_close(weights.grad[1, 1], torch.tensor(0.0))
+    assert torch.all(rows.grad[4] == 0)  # row 4 is read by no token
+
+
+def test_grouped_mm_follows_autocast_like_matmul():
+    x, w = _leaf(torch.randn(10, 8)), _leaf(torch.randn(2, 6, 8))
+    offsets = torch.tensor([4, 10])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.grouped_mm(x, w, offsets)
+        expected = torch.cat([x[:4] @ w[0].T, x[4:] @ w[1].T])
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected)
+    y.float().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+
+
+def test_round_trip_is_identity_with_unit_weights():
+    routing = make_routing(100, 2, 4)
+    x = _leaf(torch.randn(100, 8))
+    out = kernels.unpermute(kernels.permute(x, routing.src_row_S, routing.pos_TK), routing.pos_TK, torch.full((100, 2), 0.5))
+    grad = torch.randn(100, 8)
+    out.backward(grad)
+    torch.testing.assert_close(out, x.detach())
+    torch.testing.assert_close(x.grad, grad)
+
+
+def _saved_tensor_ids(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+def test_backward_keeps_only_what_it_needs():
+    """unpermute keeps the rows only for a weight gradient; grouped_mm keeps x only for a w gradient."""
+    rows = torch.randn(6, 8, requires_grad=True)
+    pos = torch.tensor([[0, 3], [5, -1], [1, 2]])
+    fixed_w, free_w = torch.rand(3, 2), torch.rand(3, 2, requires_grad=True)
+
+    def holds(saved, t):
+        return any(s is t for s in saved)
+
+    assert not holds(_saved_tensor_ids(lambda: kernels.unpermute(rows, pos, fixed_w)), rows)
+    assert holds(_saved_tensor_ids(lambda: kernels.unpermute(rows, pos, free_w)), rows)
+    x = torch.randn(10, 8, requires_grad=True)
+    offsets = torch.tensor([4, 10])
+    frozen, trained = torch.randn(2, 5, 8), torch.randn(2, 5, 8, requires_grad=True)
+    assert not holds(_saved_tensor_ids(lambda: kernels.grouped_mm(x, frozen, offsets)), x)
+    assert holds(_saved_tensor_ids(lambda: kernels.grouped_mm(x, trained, offsets)), x)
+
+
+def _opcheck_cases():
+    routing = make_routing(20, 2, 4, empty_experts=(1,), drop_every=5)
+    layout = kernels.pad_segments(routing.src_row_S, routing.counts_E, block=4)
+    hidden = torch.randn(20, 8, requires_grad=True)
+    weights = torch.rand(20, 2, requires_grad=True)
+    rows = torch.randn(len(routing.src_row_S), 8, requires_grad=True)
+    x = torch.randn(len(routing.src_row_S) + 3, 8, requires_grad=True)
+    w = torch.randn(4, 6, 8, requires_grad=True)
+    return [
+        (ops.permute_op, (hidden, routing.src_row_S, routing.pos_TK)),
+        (ops.permute_op, (hidden, layout.src_row_P)),
+        (ops.unpermute_op, (rows, routing.pos_TK, weights)),
+        (ops.grouped_mm_op, (x, w, routing.offsets_E)),
+        (ops.permute_backward_op, (rows.detach(), routing.src_row_S, None, 20)),
+        (ops.unpermute_backward_op, (hidden.detach(), routing.pos_TK, weights.detach(), rows.detach(), rows.shape[0])),
+        (ops.unpermute_backward_op, (hidden.detach(), routing.pos_TK, weights.detach(), None, rows.shape[0])),
+        (ops.grouped_mm_weight_grad_op, (torch.randn(x.shape[0], 6), x.detach(), routing.offsets_E)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_opcheck(case):
+    """Schema, fake kernel, autograd registration and AOT dispatch of every op (CPU)."""
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_ops_check_their_arguments():
+    x, src = torch.randn(4, 3), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="src_row"):
+        kernels.permute(x, src.float())
+    with pytest.raises(ValueError, match="hidden"):
+        kernels.permute(x[0], src)
+    with pytest.raises(ValueError, match="weights"):
+        kernels.unpermute(x, torch.tensor([[0, 1]]), torch.rand(1, 3))
+    w = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="need x"):
+        kernels.grouped_mm(x, w.transpose(1, 2), torch.tensor([1, 4]))
+    with pytest.raises(TypeError, match="float64"):
+        kernels.grouped_mm(x.double(), w, torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match="offsets has 3"):
+        kernels.grouped_mm(x, w, torch.tensor([1, 2, 4]))
+
+
+# --- backend selection --------------------------------------------------------------------------
+
+
+class _NegatingBackend(kernels.ReferenceBackend):
+    def permute(self, hidden_TH, src_row_S, pos_TK):
+        return -super().permute(hidden_TH, src_row_S, pos_TK)
+
+
+def test_backend_follows_device_and_use_backend_restores():
+    cpu = torch.device("cpu")
+    default = kernels.backend_for(cpu)
+    assert isinstance(default, kernels.ReferenceBackend)
+    x, src = torch.randn(3, 2), torch.tensor([2, 0])
+    with kernels.use_backend("cpu", _NegatingBackend()):
+        torch.testing.assert_close(kernels.permute(x, src), -x[src])
+    assert kernels.backend_for(cpu) is default
+    torch.testing.assert_close(kernels.permute(x, src), x[src])
+    assert isinstance(kernels.backend_for(torch.device("meta")), kernels.ReferenceBackend)
+
+
+def test_import_needs_no_triton_and_top_level_kernels_defines_nothing():
+    """Without Triton the package imports and runs on CPU. The repo's `kernels/` imported as a
+    top-level package (transformers probes for HF's `kernels` so, before or after ours) defines
+    nothing, so the ops are registered once and use_backend reaches them."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import transformers.activations\n"  # its hub-kernels probe imports the top-level `kernels` first
+        "import torch, lightning_mpipemoe\n"
+        "from lightning_mpipemoe import kernels\n"
+        "x = torch.randn(3, 2); out = kernels.permute(x, torch.tensor([2, -1]))\n"
+        "assert torch.equal(out, torch.stack([x[2], torch.zeros(2)]))\n"
+        "assert not any(m.startswith('lightning_mpipemoe.kernels.triton') for m in sys.modules)\n"
+        "import kernels as top\n"  # the cwd (the repo root) is on sys.path
+        "assert top is not kernels and not hasattr(top, 'permute'), dir(top)\n"
+        "class Neg(kernels.ReferenceBackend):\n"
+        "    def permute(self, h, s, p): return -super().permute(h, s, p)\n"
+        "with kernels.use_backend('cpu', Neg()): assert torch.equal(kernels.permute(x, torch.tensor([2])), -x[[2]])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# --- index helpers ------------------------------------------------------------------------------
+
+
+def test_pad_segments_hand_worked():
+    src = torch.tensor([5, 1, 7, 2, 0])  # experts: [5, 1, 7] -> 0, [] -> 1, [2, 0] -> 2
+    layout = kernels.pad_segments(src, torch.tensor([3, 0, 2]), block=4)
+    assert layout.offsets_E.tolist() == [4, 4, 8]
+    assert layout.row_map_S.tolist() == [0, 1, 2, 4, 5]
+    assert layout.src_row_P.tolist() == [5, 1, 7, -1, 2, 0, -1, -1] + [-1] * 6  # room for 5 + 3 * 3 rows
+    assert layout.pad_pos(torch.tensor([[0, 3], [4, -1]])).tolist() == [[0, 4], [5, -1]]
+    exact = kernels.pad_segments(src, torch.tensor([3, 0, 2]), block=4, num_rows=8)
+    assert exact.src_row_P.tolist() == [5, 1, 7, -1, 2, 0, -1, -1]
+    same = kernels.pad_segments(src, torch.tensor([3, 0, 2]), block=1)
+    assert same.src_row_P.tolist() == src.tolist() and same.offsets_E.tolist() == [3, 3, 5]
+
+
+@pytest.mark.parametrize("block", [1, 8, 16])
+def test_pad_segments_keeps_each_segment_in_order(block):
+    routing = make_routing(600, 2, 8, empty_experts=(3,), drop_every=11)
+    layout = kernels.pad_segments(routing.src_row_S, routing.counts_E, block=block)
+    padded_counts = kernels.segment_counts(layout.offsets_E)
+    assert torch.all(padded_counts % block == 0) and torch.all(padded_counts >= routing.counts_E)
+    start = padded_start = 0
+    for count, padded in zip(routing.counts_E.tolist(), padded_counts.tolist()):
+        segment = layout.src_row_P[padded_start : padded_start + padded]
+        assert segment[:count].tolist() == routing.src_row_S[start : start + count].tolist()
+        assert torch.all(segment[count:] == -1)
+        start, padded_start = start + count, padded_start + padded
+    assert torch.all(layout.src_row_P[padded_start:] == -1)
+    pos = layout.pad_pos(routing.pos_TK)
+    live = pos >= 0
+    tokens = torch.arange(600).unsqueeze(1).expand_as(pos)
+    assert torch.equal(layout.src_row_P[pos[live]], tokens[live])
+    assert torch.equal(live, routing.pos_TK >= 0)
+
+
+def test_invert_src_rows():
+    pos = kernels.invert_src_rows(torch.tensor([2, 0, 2, -1, 1, -1]), num_tokens=4, max_copies=2)
+    assert pos.tolist() == [[1, -1], [4, -1], [0, 2], [-1, -1]]
+    routing = make_routing(100, 8, 10, drop_every=3)
+    pos = kernels.invert_src_rows(routing.src_row_S, 100, 8)
+    assert torch.equal(pos.sort(dim=1).values, routing.pos_TK.sort(dim=1).values)
+
+
+def test_segment_counts():
+    assert kernels.segment_counts(torch.tensor([3, 3, 7], dtype=torch.int32)).tolist() == [3, 0, 4]
+
+
+# --- GPU ----------------------------------------------------------------------------------------
+
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.fixture
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.fail("--gpu given but CUDA is not available")
+    with poisoned_empty():
+        yield torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("routing_case", [*ROUTINGS, (4096, 2, 8, ())], ids=lambda c: f"T{c[0]}-K{c[1]}-E{c[2]}")
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "nopos"])
+def test_gpu_permute_unpermute(cuda, dtype, routing_case, padded, with_pos):
+    num_tokens, top_k, num_experts, empty = routing_case
+    routing = make_routing(num_tokens, top_k, num_experts, empty_experts=empty, drop_every=7 if top_k > 1 else 0)
+    src_row, pos = routing.src_row_S, routing.pos_TK
+    if padded:
+        layout = kernels.pad_segments(src_row, routing.counts_E, block=16)
+        src_row, pos = layout.src_row_P, layout.pad_pos(pos)
+    hidden = 520  # not a power of two
+    x_TH, w_TK, grad_TH = torch.randn(num_tokens, hidden), torch.rand(num_tokens, top_k), torch.randn(num_tokens, hidden)
+    scale_S1 = torch.randn(src_row.shape[0], 1)
+
+    def run(device, work_dtype):
+        x, w = _leaf(x_TH, work_dtype, device), _leaf(w_TK, None, device)
+        s, p = src_row.to(device), pos.to(device)
+        rows = kernels.permute(x, s, p if with_pos else None)
+        rows.retain_grad()
+        out = kernels.unpermute(rows * scale_S1.to(device, work_dtype), p, w)
+        (out.float() * grad_TH.to(device)).sum().backward()
+        return rows, out, x, w
+
+    got = run(cuda, dtype)
+    ref = run(torch.device("cpu"), torch.float32)  # CPU: the reference backend
+    names = ["rows", "out", "grad hidden", "grad weights", "grad rows"]
+    for name, a, b in zip(names, [*got[:2], got[2].grad, got[3].grad, got[0].grad], [*ref[:2], ref[2].grad, ref[3].grad, ref[0].grad]):
+        assert_close(a, b, dtype, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "torch", "auto"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("segments", [([300, 0, 1200, 0, 500, 37, 0, 963], 100), ([0, 0, 0, 0], 64), ([600], 0)], ids=["mixed", "empty", "one"])
+@pytest.mark.parametrize("in_out", [(256, 384), (200, 136)], ids=["aligned", "unaligned"])
+def test_gpu_grouped_mm(cuda, impl, dtype, segments, in_out):
+    from lightning_mpipemoe.kernels.triton_backend import TritonBackend
+
+    if impl == "torch" and (dtype != torch.bfloat16 or not hasattr(F, "grouped_mm")):
+        pytest.skip("torch.grouped_mm takes bf16 only")
+    counts, tail = segments
+    in_features, out_features = in_out
+    offsets = torch.cumsum(torch.tensor(counts), 0)
+    x_SD = torch.randn(sum(counts) + tail, in_features)
+    w_EOD = torch.randn(len(counts), out_features, in_features) / in_features**0.5
+    grad_SO = torch.randn(x_SD.shape[0], out_features)
+    with kernels.use_backend("cuda", TritonBackend(grouped_mm_impl=impl)) as backend:
+        x, w = _leaf(x_SD, dtype, cuda), _leaf(w_EOD, dtype, cuda)
+        y = kernels.grouped_mm(x, w, offsets.to(cuda))
+        (y.float() * grad_SO.to(cuda)).sum().backward()
+    x_ref, w_ref = _leaf(x.detach().float().cpu()), _leaf(w.detach().float().cpu())
+    y_ref = kernels.grouped_mm_reference(x_ref, w_ref, offsets)
+    (y_ref * grad_SO).sum().backward()
+    assert_close(y, y_ref, dtype, "output")
+    assert_close(x.grad, x_ref.grad, dtype, "grad x")
+    assert_close(w.grad, w_ref.grad, dtype, "grad w")
+    if impl == "auto" and dtype == torch.bfloat16 and in_out == (256, 384) and sum(counts):
+        assert set(backend.choices.values()) <= {"torch", "triton"} and backend.choices
+
+
+@pytest.mark.gpu
+def test_gpu_grouped_mm_tuned_configs(cuda):
+    """Large enough to autotune over every config (forward, input grad, weight grad), bf16."""
+    from lightning_mpipemoe.kernels.triton_backend import TritonBackend
+
+    counts = [1500, 0, 2600, 1100, 900, 1300, 0, 800]
+    offsets = torch.cumsum(torch.tensor(counts), 0).to(cuda)
+    x = _leaf(torch.randn(sum(counts) + 96, 1024), torch.bfloat16, cuda)
+    w = _leaf(torch.randn(8, 2048, 1024) / 32, torch.bfloat16, cuda)
+    grad = torch.randn(x.shape[0], 2048, device=cuda)
+    with kernels.use_backend("cuda", TritonBackend(grouped_mm_impl="triton")):
+        y = kernels.grouped_mm(x, w, offsets)
+        (y.float() * grad).sum().backward()
+    x_ref, w_ref = _leaf(x.detach().float()), _leaf(w.detach().float())
+    y_ref = kernels.grouped_mm_reference(x_ref, w_ref, offsets)
+    (y_ref * grad).sum().backward()
+    assert_close(y, y_ref, torch.bfloat16, "output")
+    assert_close(x.grad, x_ref.grad, torch.bfloat16, "grad x")
+    assert_close(w.grad, w_ref.grad, torch.bfloat16, "grad w")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_expert_pipeline_matches_cpu_reference(cuda, dtype):
+    """A Mixtral-shaped layer in small: permute, gated grouped GEMMs, unpermute, padded to 128."""
+    num_tokens, top_k, num_experts, hidden, inter = 1000, 2, 8, 256, 512
+    routing = make_routing(num_tokens, top_k, num_experts, empty_experts=(5,))
+    layout = kernels.pad_segments(routing.src_row_S, routing.counts_E, block=128)
+    tensors = [
+        torch.randn(num_tokens, hidden),
+        torch.rand(num_tokens, top_k),
+        torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5,
+        torch.randn(num_experts, hidden, inter) / inter**0.5,
+    ]
+    grad_TH = torch.randn(num_tokens, hidden)
+
+    def run(device, work_dtype, src, pos, offsets):
+        x, w, w1, w2 = (_leaf(t, work_dtype if i != 1 else None, device) for i, t in enumerate(tensors))
+        rows = kernels.permute(x, src.to(device), pos.to(device))
+        gate, up = kernels.grouped_mm(rows, w1, offsets.to(device)).chunk(2, dim=-1)
+        y = kernels.grouped_mm(F.silu(gate) * up, w2, offsets.to(device))
+        out = kernels.unpermute(y, pos.to(device), w)
+        (out.float() * grad_TH.to(device)).sum().backward()
+        return out, x.grad, w.grad, w1.grad, w2.grad
+
+    got = run(cuda, dtype, layout.src_row_P, layout.pad_pos(routing.pos_TK), layout.offsets_E)
+    ref = run(torch.device("cpu"), torch.float32, routing.src_row_S, routing.pos_TK, routing.offsets_E)
+    for name, a, b in zip(["out", "grad hidden", "grad weights", "grad w_in", "grad w_out"], got, ref):
+        assert_close(a, b, dtype, name)
