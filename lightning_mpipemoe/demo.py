@@ -1,4 +1,4 @@
-"""Demo: one MoE layer, expert-parallel over 2 CPU processes, checked against one process.
+"""Demo: one MoE layer, expert-parallel and pipelined over 2 CPU processes, checked against one process.
 
 Run: `python -m lightning_mpipemoe.demo [--world-size 2] [--tokens 512] [--partitions 1]`
 """
@@ -14,19 +14,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_mpipemoe import ExecutorConfig, MoELayer, build_process_groups, load_balancing_loss
+from lightning_mpipemoe import RESTORE_STRATEGIES, ExecutorConfig, MoELayer, build_process_groups
 
 
-def _build_layer(args: argparse.Namespace) -> MoELayer:
+def _build_layer(args: argparse.Namespace, config: ExecutorConfig) -> MoELayer:
     torch.manual_seed(0)
     return MoELayer(
-        args.hidden, args.intermediate, args.experts, args.top_k, config=ExecutorConfig(num_partitions=args.partitions)
+        args.hidden,
+        args.intermediate,
+        args.experts,
+        args.top_k,
+        config=config,
     )
-
-
-def _loss(layer: MoELayer, hidden_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out_TH, logits_TE = layer(hidden_TH)
-    return out_TH, out_TH.square().mean() + 0.01 * load_balancing_loss(logits_TE, layer.num_experts, layer.top_k)
 
 
 def _tokens(args: argparse.Namespace) -> torch.Tensor:
@@ -41,7 +40,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=args.world_size, timeout=timeout)
     try:
         groups = build_process_groups(args.world_size, timeout=timeout)
-        layer = _build_layer(args)
+        layer = _build_layer(args, ExecutorConfig(num_partitions=args.partitions, restore=args.restore))
         layer.shard_experts(groups)
         hidden_TH = _tokens(args)[rank * args.tokens : (rank + 1) * args.tokens]
         out_TH, _ = layer(hidden_TH)
@@ -61,12 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intermediate", type=int, default=128)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--partitions", type=int, default=1)
+    parser.add_argument("--partitions", type=int, default=4, help="micro-partitions n of the pipeline")
+    parser.add_argument("--restore", default="s4", choices=RESTORE_STRATEGIES, help="restore strategy of reused buffers")
     args = parser.parse_args(argv)
     if args.experts % args.world_size:
         parser.error(f"--experts {args.experts} must be divisible by --world-size {args.world_size}")
 
-    reference = _build_layer(args)
+    # The reference: one process, every expert, the plain (unpipelined, no reuse) path.
+    reference = _build_layer(args, ExecutorConfig(num_partitions=1, restore="none"))
     ref_out_TH, _ = reference(_tokens(args))
     ref_out_TH.square().mean().backward()
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"MoE layer: {args.experts} experts, top-{args.top_k}, H={args.hidden}, I={args.intermediate}, "
-        f"{args.tokens} tokens/rank, EP={args.world_size} (gloo), n={args.partitions}"
+        f"{args.tokens} tokens/rank, EP={args.world_size} (gloo), n={args.partitions}, restore={args.restore}"
     )
     for name, err in errors.items():
         print(f"  {name:<18} max relative difference vs 1 process: {err:.2e}")
