@@ -107,7 +107,8 @@ def permutation_rows(args, device, dtype, bandwidth, time_ms, backend) -> list[d
         ("permute fwd, custom op", (T + S) * H * size,
          lambda: kernels.permute(hidden_TH, src_S, pos_TK), lambda: ref.permute(hidden_TH, src_S, None)),
         ("permute bwd", (S + T) * H * size,
-         lambda: backend.permute_backward(rows_SH, src_S, pos_TK, T), lambda: ref.permute_backward(rows_SH, src_S, None, T)),
+         lambda: backend.permute_backward(rows_SH, src_S, pos_TK, T),
+         lambda: ref.permute_backward(rows_SH, src_S, None, T)),
         ("unpermute fwd", (S + T) * H * size,
          lambda: backend.unpermute(rows_SH, pos_TK, weights_TK), lambda: ref.unpermute(rows_SH, pos_TK, weights_TK)),
         ("unpermute bwd", (T + 2 * S) * H * size,
@@ -135,11 +136,15 @@ def gemm_rows(args, device, dtype, rate, time_ms, backend) -> tuple[list[dict], 
         w_EOD = torch.randn(E, d_out, d_in, device=device, dtype=dtype) / d_in**0.5
         grad_SO = torch.randn(S, d_out, device=device, dtype=dtype)
         w_t = w_EOD.transpose(1, 2)
-        cases = {
-            "fwd": (lambda: gemm.grouped_mm(x_SD, w_EOD, offsets_E), lambda: backend._torch_grouped_mm(x_SD, w_EOD, offsets_E),
-                    lambda: kernels.grouped_mm_reference(x_SD, w_EOD, offsets_E), torch_grouped_mm_applies(x_SD, w_EOD)),
-            "grad x": (lambda: gemm.grouped_mm(grad_SO, w_t, offsets_E), lambda: backend._torch_grouped_mm(grad_SO, w_t, offsets_E),
-                       lambda: kernels.grouped_mm_reference(grad_SO, w_t, offsets_E), torch_grouped_mm_applies(grad_SO, w_t)),
+        cases = {  # (triton, torch grouped_mm, reference, whether torch's applies)
+            "fwd": (lambda: gemm.grouped_mm(x_SD, w_EOD, offsets_E),
+                    lambda: backend._torch_grouped_mm(x_SD, w_EOD, offsets_E),
+                    lambda: kernels.grouped_mm_reference(x_SD, w_EOD, offsets_E),
+                    torch_grouped_mm_applies(x_SD, w_EOD)),
+            "grad x": (lambda: gemm.grouped_mm(grad_SO, w_t, offsets_E),
+                       lambda: backend._torch_grouped_mm(grad_SO, w_t, offsets_E),
+                       lambda: kernels.grouped_mm_reference(grad_SO, w_t, offsets_E),
+                       torch_grouped_mm_applies(grad_SO, w_t)),
             "grad w": (lambda: gemm.grouped_mm_weight_grad(grad_SO, x_SD, offsets_E),
                        lambda: backend._torch_weight_grad(grad_SO, x_SD, offsets_E),
                        lambda: kernels.grouped_mm_weight_grad_reference(grad_SO, x_SD, offsets_E),

@@ -46,9 +46,9 @@ if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi  # parallel Triton
 # table against the PyTorch reference and the bounds (HBM bytes, bf16 matmul rate) at
 # Mixtral-like sizes. Writes benchmarks/results/kernels_gpu.json.
 section "kernels: GPU tests"
-step "kernels GPU tests" 270 "$PY" -m pytest -m gpu --gpu tests/test_kernels.py -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
+step "kernels GPU tests" 180 "$PY" -m pytest -m gpu --gpu tests/test_kernels.py -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
 section "kernels: benchmark"
-step "kernels benchmark" 180 "$PY" benchmarks/bench_kernels.py --out benchmarks/results/kernels_gpu.json
+step "kernels benchmark" 150 "$PY" benchmarks/bench_kernels.py --out benchmarks/results/kernels_gpu.json
 save benchmarks/results/kernels_gpu.json
 
 # ---------------------------------------------------------------------------------------------

@@ -48,7 +48,9 @@ class KernelBackend(Protocol):
 
     def grouped_mm(self, x_SD: torch.Tensor, w_EOD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor: ...
 
-    def grouped_mm_weight_grad(self, grad_y_SO: torch.Tensor, x_SD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor: ...
+    def grouped_mm_weight_grad(
+        self, grad_y_SO: torch.Tensor, x_SD: torch.Tensor, offsets_E: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 class ReferenceBackend:

@@ -180,7 +180,8 @@ def _grouped_gemm_kernel(
                 w_ptrs += BLOCK_K * stride_wk
         # The tail segment (rows past the last offset) stores the zero accumulator.
         mask_MN = (rm_M < seg_end)[:, None] & (rn_N < N)[None, :]
-        tl.store(y_ptr + rm_M[:, None] * stride_ym + rn_N[None, :] * stride_yn, acc_MN.to(y_ptr.dtype.element_ty), mask=mask_MN)
+        y_ptrs = y_ptr + rm_M[:, None] * stride_ym + rn_N[None, :] * stride_yn
+        tl.store(y_ptrs, acc_MN.to(y_ptr.dtype.element_ty), mask=mask_MN)
 
 
 @triton.autotune(
@@ -232,7 +233,8 @@ def _grouped_wgrad_kernel(
     for i in range(0, tl.cdiv(end - start, BLOCK_R)):
         rr_R = start + i * BLOCK_R + tl.arange(0, BLOCK_R)
         r_mask_R = rr_R < end
-        gy_OR = tl.load(gy_ptr + rr_R[None, :] * stride_gm + ro_load_O[:, None] * stride_go, mask=r_mask_R[None, :], other=0.0)
+        gy_ptrs = gy_ptr + rr_R[None, :] * stride_gm + ro_load_O[:, None] * stride_go
+        gy_OR = tl.load(gy_ptrs, mask=r_mask_R[None, :], other=0.0)
         x_RD = tl.load(x_ptr + rr_R[:, None] * stride_xm + rd_load_D[None, :] * stride_xd, mask=r_mask_R[:, None], other=0.0)
         acc_OD = tl.dot(gy_OR, x_RD, acc_OD, input_precision=INPUT_PRECISION)
     mask_OD = (ro_O < O)[:, None] & (rd_D < D)[None, :]
@@ -241,7 +243,9 @@ def _grouped_wgrad_kernel(
 
 
 @triton.jit(do_not_specialize=["num_experts", "num_rows"])
-def _zero_tail_rows_kernel(y_ptr, offsets_ptr, num_experts, num_rows, N, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _zero_tail_rows_kernel(
+    y_ptr, offsets_ptr, num_experts, num_rows, N, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     last = tl.load(offsets_ptr + num_experts - 1).to(tl.int64)
     rm_M = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     tail_M = (rm_M >= last) & (rm_M < num_rows)

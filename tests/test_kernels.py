@@ -147,7 +147,8 @@ def test_grouped_mm_follows_autocast_like_matmul():
 def test_round_trip_is_identity_with_unit_weights():
     routing = make_routing(100, 2, 4)
     x = _leaf(torch.randn(100, 8))
-    out = kernels.unpermute(kernels.permute(x, routing.src_row_S, routing.pos_TK), routing.pos_TK, torch.full((100, 2), 0.5))
+    rows = kernels.permute(x, routing.src_row_S, routing.pos_TK)
+    out = kernels.unpermute(rows, routing.pos_TK, torch.full((100, 2), 0.5))
     grad = torch.randn(100, 8)
     out.backward(grad)
     torch.testing.assert_close(out, x.detach())
@@ -320,7 +321,8 @@ def test_segment_counts():
 
 # --- GPU ----------------------------------------------------------------------------------------
 
-GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# bf16 is what runs; fp32 checks exactness (fp16 is covered by the interpreter tests).
+GPU_DTYPES = [torch.bfloat16, torch.float32]
 
 
 @pytest.fixture
@@ -358,15 +360,20 @@ def test_gpu_permute_unpermute(cuda, dtype, routing_case, padded, with_pos):
 
     got = run(cuda, dtype)
     ref = run(torch.device("cpu"), torch.float32)  # CPU: the reference backend
-    names = ["rows", "out", "grad hidden", "grad weights", "grad rows"]
-    for name, a, b in zip(names, [*got[:2], got[2].grad, got[3].grad, got[0].grad], [*ref[:2], ref[2].grad, ref[3].grad, ref[0].grad]):
-        assert_close(a, b, dtype, name)
+    def results(rows, out, x, w):
+        return {"rows": rows, "out": out, "grad hidden": x.grad, "grad weights": w.grad, "grad rows": rows.grad}
+
+    expected = results(*ref)
+    for name, value in results(*got).items():
+        assert_close(value, expected[name], dtype, name)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["triton", "torch", "auto"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("segments", [([300, 0, 1200, 0, 500, 37, 0, 963], 100), ([0, 0, 0, 0], 64), ([600], 0)], ids=["mixed", "empty", "one"])
+@pytest.mark.parametrize(
+    "segments", [([300, 0, 1200, 0, 500, 37, 0, 963], 100), ([0, 0, 0, 0], 64), ([600], 0)], ids=["mixed", "empty", "one"]
+)
 @pytest.mark.parametrize("in_out", [(256, 384), (200, 136)], ids=["aligned", "unaligned"])
 def test_gpu_grouped_mm(cuda, impl, dtype, segments, in_out):
     from lightning_mpipemoe.kernels.triton_backend import TritonBackend

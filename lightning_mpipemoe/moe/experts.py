@@ -69,9 +69,11 @@ class ExpertWeights:
 
 
 def _rows_expert_bias(bias_EX: torch.Tensor, offsets_E: torch.Tensor, num_rows: int) -> torch.Tensor:
-    counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
-    expert_of_row_S = torch.repeat_interleave(torch.arange(len(counts_E), device=bias_EX.device), counts_E.to(bias_EX.device))
-    return bias_EX[expert_of_row_S[:num_rows]]
+    """Each row's expert bias; rows past the last offset (padding) get zeros."""
+    row_S = torch.arange(num_rows, device=offsets_E.device)
+    expert_of_row_S = torch.bucketize(row_S, offsets_E, right=True)  # no host sync, unlike repeat_interleave
+    padded_EX = torch.cat([bias_EX, bias_EX.new_zeros(1, bias_EX.shape[1])])
+    return padded_EX[expert_of_row_S.to(bias_EX.device)]
 
 
 def _in_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
