@@ -48,6 +48,7 @@ __all__ = [
     "commit_directory",
     "consolidate_checkpoint",
     "expert_rows",
+    "fsync_files",
     "gather_full_state_dict",
     "is_mpipemoe_checkpoint",
     "needed_shards",
@@ -99,7 +100,9 @@ def optimizer_state_by_name(optimizer: Optimizer, names: Mapping[int, str]) -> d
     }
 
 
-def optimizer_state_by_index(named: Mapping[str, Any], optimizer: Optimizer, names: Mapping[int, str]) -> dict[str, Any]:
+def optimizer_state_by_index(
+    named: Mapping[str, Any], optimizer: Optimizer, names: Mapping[int, str]
+) -> dict[str, Any]:
     """The inverse of `optimizer_state_by_name` for `optimizer` (its parameters in its order)."""
     current = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
     saved = [list(g["params"]) for g in named["param_groups"]]
@@ -141,9 +144,8 @@ def split_checkpoint(
         meta["optimizer_states"], shard["optimizer_states"] = [], []
         for named in checkpoint["optimizer_states"]:
             state = named["state"]
-            meta["optimizer_states"].append(
-                {"state": {n: s for n, s in state.items() if n not in expert_keys}, "param_groups": named["param_groups"]}
-            )
+            replicated = {n: s for n, s in state.items() if n not in expert_keys}
+            meta["optimizer_states"].append({"state": replicated, "param_groups": named["param_groups"]})
             shard["optimizer_states"].append({"state": {n: s for n, s in state.items() if n in expert_keys}})
     meta[SECTION] = {
         "format_version": FORMAT_VERSION,
@@ -155,45 +157,63 @@ def split_checkpoint(
     return meta, shard
 
 
+def _covering(num_experts: int, old_ep_size: int, start: int, end: int) -> range:
+    """The saved EP ranks whose shards hold global experts `[start, end)`."""
+    old_local = num_experts // old_ep_size
+    return range(start // old_local, (end - 1) // old_local + 1)
+
+
 def needed_shards(expert_keys: Mapping[str, int], old_ep_size: int, new_ep_size: int, new_ep_rank: int) -> list[int]:
     """The EP ranks of the saved layout whose shard files hold experts of `new_ep_rank`."""
     ranks: set[int] = set()
     for num_experts in set(expert_keys.values()):
-        start, end = expert_rows(num_experts, new_ep_size, new_ep_rank)
-        old_local = num_experts // old_ep_size
-        ranks.update(range(start // old_local, (end - 1) // old_local + 1))
+        ranks.update(_covering(num_experts, old_ep_size, *expert_rows(num_experts, new_ep_size, new_ep_rank)))
     return sorted(ranks)
 
 
-def _take_rows(pieces: Mapping[int, torch.Tensor], num_experts: int, old_ep_size: int, start: int, end: int) -> torch.Tensor:
+def _take_rows(
+    pieces: Mapping[int, torch.Tensor], num_experts: int, old_ep_size: int, start: int, end: int
+) -> torch.Tensor:
+    """Global expert rows `[start, end)` out of the saved shards `pieces` (saved rank -> tensor)."""
     old_local = num_experts // old_ep_size
     parts = []
-    for rank in range(start // old_local, (end - 1) // old_local + 1):
+    for rank in _covering(num_experts, old_ep_size, start, end):
         lo, hi = max(start, rank * old_local) - rank * old_local, min(end, (rank + 1) * old_local) - rank * old_local
         parts.append(pieces[rank][lo:hi])
     if len(parts) > 1:
         return torch.cat(parts)
-    whole = parts[0].shape[0] == pieces[start // old_local].shape[0]
+    whole = hi - lo == old_local
     return parts[0] if whole else parts[0].clone()  # a slice would keep the other experts' storage alive
 
 
-def _reshard_state(key, per_rank, shape_of, num_experts, old_ep_size, start, end) -> dict | None:
+def _reshard_state(
+    key: str, saved: Mapping[int, Mapping[str, Any]], num_experts: int, old_ep_size: int, rows: tuple[int, int]
+) -> dict | None:
+    """One expert parameter's optimizer state for expert rows `rows` from the saved shards:
+    tensors shaped like the saved parameter shard are cut along dim 0, the rest (Adam's
+    `step`) is shared. `saved`: saved EP rank -> shard file content."""
+    per_rank = {r: saved[r]["optimizer_state"].get(key) for r in _covering(num_experts, old_ep_size, *rows)}
     present = {r: s for r, s in per_rank.items() if s is not None}
     if not present:
         return None
     if len(present) != len(per_rank):
-        raise ValueError(f"optimizer state of {key!r} is saved by EP ranks {sorted(present)} only, needed {sorted(per_rank)}")
-    first_rank = min(present)
+        raise ValueError(
+            f"optimizer state of {key!r} is saved by EP ranks {sorted(present)} only, needed {sorted(per_rank)}"
+        )
+    first = min(present)
+    shard_shape = tuple(saved[first]["param_shapes"][key])
     out = {}
-    for name, value in present[first_rank].items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) == shape_of[first_rank]:
-            out[name] = _take_rows({r: s[name] for r, s in present.items()}, num_experts, old_ep_size, start, end)
+    for name, value in present[first].items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) == shard_shape:
+            out[name] = _take_rows({r: s[name] for r, s in present.items()}, num_experts, old_ep_size, *rows)
         else:
             out[name] = value
     return out
 
 
-def assemble_checkpoint(meta: Mapping[str, Any], shards: Mapping[int, Mapping[str, Any]], ep_size: int, ep_rank: int) -> dict:
+def assemble_checkpoint(
+    meta: Mapping[str, Any], shards: Mapping[int, Mapping[str, Any]], ep_size: int, ep_rank: int
+) -> dict:
     """The checkpoint dict of EP rank `ep_rank` of `ep_size` from the saved meta and the shard
     files it needs (`needed_shards`), at any saved EP size; optimizer state stays name-keyed."""
     info = meta[SECTION]
@@ -201,21 +221,21 @@ def assemble_checkpoint(meta: Mapping[str, Any], shards: Mapping[int, Mapping[st
     checkpoint = dict(meta)
     state_dict = dict(meta["state_dict"])
     for key, num_experts in expert_keys.items():
-        start, end = expert_rows(num_experts, ep_size, ep_rank)
-        covering = range(start // (num_experts // old_ep_size), (end - 1) // (num_experts // old_ep_size) + 1)
-        state_dict[key] = _take_rows({r: shards[r]["state_dict"][key] for r in covering}, num_experts, old_ep_size, start, end)
+        rows = expert_rows(num_experts, ep_size, ep_rank)
+        pieces = {r: shards[r]["state_dict"][key] for r in _covering(num_experts, old_ep_size, *rows)}
+        state_dict[key] = _take_rows(pieces, num_experts, old_ep_size, *rows)
     checkpoint["state_dict"] = state_dict
     if "optimizer_states" in meta:
         optimizer_states = []
         for index, named in enumerate(meta["optimizer_states"]):
             state = dict(named["state"])
+            saved = {
+                r: {"optimizer_state": shard["optimizer_states"][index]["state"], "param_shapes": shard["param_shapes"]}
+                for r, shard in shards.items()
+            }
             for key, num_experts in expert_keys.items():
-                start, end = expert_rows(num_experts, ep_size, ep_rank)
-                old_local = num_experts // old_ep_size
-                covering = range(start // old_local, (end - 1) // old_local + 1)
-                per_rank = {r: shards[r]["optimizer_states"][index]["state"].get(key) for r in covering}
-                shape_of = {r: tuple(shards[r]["param_shapes"][key]) for r in covering}
-                resharded = _reshard_state(key, per_rank, shape_of, num_experts, old_ep_size, start, end)
+                rows = expert_rows(num_experts, ep_size, ep_rank)
+                resharded = _reshard_state(key, saved, num_experts, old_ep_size, rows)
                 if resharded is not None:
                     state[key] = resharded
             optimizer_states.append({"state": state, "param_groups": named["param_groups"]})
@@ -256,7 +276,9 @@ def read_checkpoint(
     meta = io.load_checkpoint(path / META_FILE, weights_only=weights_only)
     info = meta.get(SECTION, {})
     if info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: mpipemoe checkpoint format {info.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path}: mpipemoe checkpoint format {info.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     old_ep_size = info["ep_size"]
     shards = {
         r: io.load_checkpoint(path / shard_file(r, old_ep_size), weights_only=weights_only)

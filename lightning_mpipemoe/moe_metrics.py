@@ -1,9 +1,9 @@
 """Per-step MoE metrics for Lightning's logger, synced with one all-reduce.
 
 Routing counts differ per rank (each rank counts the tokens it sent), so they are summed over
-the world; the executor's choices (n, restore strategy) are the same on every rank and are
-logged as they are. Everything is packed into one float64 tensor so that a step costs one
-small all-reduce, whatever the number of layers.
+the world, packed into one float64 tensor: a step costs one small all-reduce, whatever the
+number of layers. The executor's choices (n, restore strategy) are the same on every rank
+and are logged as they are.
 
 Logged keys, per MoE layer `L` (its qualified name in the LightningModule):
 
@@ -14,7 +14,10 @@ Logged keys, per MoE layer `L` (its qualified name in the LightningModule):
     moe/L/load_imbalance      tokens_max / mean tokens per expert (1 = balanced)
     moe/L/dropped_tokens      slots dropped by expert capacity, whole world
     moe/L/tokens_e{i}         tokens of expert i (only with `per_expert=True`)
-    moe/L/{key}               numeric entries of `RoutingStats.extra`, mean over ranks
+    moe/L/{key}               numeric entries of `RoutingStats.extra` and of the executor's
+                              `executor_metrics()` (e.g. the tuner's choices, which it agrees
+                              over the EP group), as this rank sees them: not synced, so that
+                              a key one rank lacks cannot derail the collective
     moe/aux_loss              mean over ranks of the "aux_loss" the training step returned
 """
 
@@ -27,14 +30,16 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from lightning_mpipemoe.config import RESTORE_STRATEGIES
-from lightning_mpipemoe.discovery import ExecutorView
+from lightning_mpipemoe.discovery import ExecutorView, read_executor_metrics
 
 __all__ = ["moe_step_metrics"]
 
 
 def _numeric_extras(view: ExecutorView) -> dict[str, float]:
     extra = view.stats.extra if view.stats is not None else {}
-    return {k: float(v) for k, v in sorted(extra.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = {k: float(v) for k, v in extra.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers.update(read_executor_metrics(view))
+    return dict(sorted(numbers.items()))
 
 
 def moe_step_metrics(
@@ -50,17 +55,13 @@ def moe_step_metrics(
     layout: list[tuple[str, str, int]] = []  # (layer, what, length)
     local: list[torch.Tensor] = []
     for name, view in executors.items():
-        if view.stats is None:
-            continue
-        tokens_E = view.stats.tokens_per_expert_E
-        tokens_E = torch.zeros(view.num_experts) if tokens_E is None else tokens_E.detach().cpu()
-        layout.append((name, "tokens", view.num_experts))
-        local.append(tokens_E.to(torch.float64))
-        layout.append((name, "dropped", 1))
-        local.append(torch.tensor([float(view.stats.dropped)], dtype=torch.float64))
-        for key, value in _numeric_extras(view).items():
-            layout.append((name, f"extra:{key}", 1))
-            local.append(torch.tensor([value], dtype=torch.float64))
+        if view.stats is not None:
+            tokens_E = view.stats.tokens_per_expert_E
+            tokens_E = torch.zeros(view.num_experts) if tokens_E is None else tokens_E.detach().cpu()
+            layout.append((name, "tokens", view.num_experts))
+            local.append(tokens_E.to(torch.float64))
+            layout.append((name, "dropped", 1))
+            local.append(torch.tensor([float(view.stats.dropped)], dtype=torch.float64))
     if aux_loss is not None:
         layout.append(("", "aux_loss", 1))
         local.append(aux_loss.detach().reshape(1).to("cpu", torch.float64))
@@ -74,6 +75,8 @@ def moe_step_metrics(
             metrics[f"moe/{name}/num_partitions"] = float(view.config.num_partitions)
         if view.config.restore in RESTORE_STRATEGIES:
             metrics[f"moe/{name}/restore"] = float(RESTORE_STRATEGIES.index(view.config.restore))
+        for key, value in _numeric_extras(view).items():
+            metrics[f"moe/{name}/{key}"] = value
     offset = 0
     for name, what, length in layout:
         values = packed[offset : offset + length]
@@ -88,10 +91,8 @@ def moe_step_metrics(
                     metrics[f"moe/{name}/tokens_e{e}"] = count
         elif what == "dropped":
             metrics[f"moe/{name}/dropped_tokens"] = float(values[0])
-        elif what == "aux_loss":
-            metrics["moe/aux_loss"] = float(values[0]) / world_size
         else:
-            metrics[f"moe/{name}/{what.removeprefix('extra:')}"] = float(values[0]) / world_size
+            metrics["moe/aux_loss"] = float(values[0]) / world_size
     return metrics
 
 

@@ -44,6 +44,7 @@ from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
@@ -93,7 +94,7 @@ def executor_overrides(
     granularity: int | str | None = None,
     restore: str | None = None,
     simulated_link: SimulatedLink | Mapping[str, float] | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | float | None = None,
 ) -> dict[str, Any]:
     """The strategy's executor arguments as `ExecutorConfig` field overrides.
 
@@ -167,11 +168,13 @@ class MPipeMoEStrategy(DDPStrategy):
     Args:
         expert_parallel_size: ranks that share one copy of the experts (each holds E/ep of
             them). Default: the devices of one node, so that EP groups stay within a node.
-        granularity: micro-partitions `n` per MoE call (an int), or "auto" once the tuner
-            exists. None keeps each layer's own setting.
-        restore: memory-reuse restore strategy, one of "none", "s1".."s4" (or "auto" once
-            the tuner exists). None keeps each layer's own setting.
-        memory_budget: MoE memory budget for the tuner (an error until the tuner exists).
+        granularity: micro-partitions `n` per MoE call (an int), or "auto" (the layer's tuner
+            picks n). None keeps each layer's own setting.
+        restore: memory-reuse restore strategy, one of "none", "s1".."s4", or "auto" (chosen
+            by the cost model). None keeps each layer's own setting.
+        memory_budget: what one MoE layer call may hold (bytes, or a fraction of device
+            memory), obeyed by the "auto" choices. "auto" and the budget are a clear error on
+            a build whose `ExecutorConfig` has no tuner (`executor_overrides`).
         simulated_link: a `config.SimulatedLink` (or a dict of its fields) that every
             all-to-all also crosses, for schedule studies on CPU.
         timeout: timeout of the default process group and of every MoE process group.
@@ -188,7 +191,7 @@ class MPipeMoEStrategy(DDPStrategy):
         expert_parallel_size: Optional[int] = None,
         granularity: int | str | None = None,
         restore: Optional[str] = None,
-        memory_budget: Optional[int] = None,
+        memory_budget: int | float | None = None,
         simulated_link: SimulatedLink | Mapping[str, float] | None = None,
         timeout: Optional[timedelta] = default_pg_timeout,
         log_moe_metrics: Literal["layer", "expert", "off"] = "layer",
@@ -205,11 +208,12 @@ class MPipeMoEStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
         **kwargs: Any,
     ) -> None:
-        if expert_parallel_size is not None and (
-            isinstance(expert_parallel_size, bool) or not isinstance(expert_parallel_size, int) or expert_parallel_size < 1
-        ):
+        ep = expert_parallel_size
+        if ep is not None and (isinstance(ep, bool) or not isinstance(ep, int) or ep < 1):
             raise ValueError(f"expert_parallel_size must be a positive int (or None), got {expert_parallel_size!r}")
-        if model_averaging_period is not None or ddp_comm_state is not None and "LocalSGD" in type(ddp_comm_state).__name__:
+        from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState
+
+        if model_averaging_period is not None or isinstance(ddp_comm_state, PostLocalSGDState):
             raise ValueError(
                 "MPipeMoEStrategy does not support post-local-SGD model averaging: it averages every parameter over "
                 "the world, which would mix the different experts of different EP ranks"
@@ -318,7 +322,9 @@ class MPipeMoEStrategy(DDPStrategy):
         named = dict(self.lightning_module.named_parameters())
         self._expert_params = [named[k] for k in sorted(self._expert_keys) if named[k].requires_grad]
         if any(hasattr(opt, "consolidate_state_dict") for opt in self.optimizers):
-            raise ValueError("MPipeMoEStrategy does not support optimizers that shard their state (ZeroRedundancyOptimizer)")
+            raise ValueError(
+                "MPipeMoEStrategy does not support optimizers that shard their state (ZeroRedundancyOptimizer)"
+            )
         if self._expert_params:
             # Lightning routes `gradient_clip_val` through the precision plugin the Trainer chose;
             # this strategy's own plugin instance gets a global-norm `clip_grad_by_norm`.
@@ -329,8 +335,9 @@ class MPipeMoEStrategy(DDPStrategy):
         units = find_moe_units(module)
         if not units:
             rank_zero_warn(
-                f"MPipeMoEStrategy found no MoE layer in {type(module).__name__} (neither a lightning_mpipemoe MoELayer "
-                "nor a Hugging Face MoE model that lightning_mpipemoe.hf_models covers); it trains as plain DDP"
+                f"MPipeMoEStrategy found no MoE layer in {type(module).__name__} (neither a lightning_mpipemoe "
+                "MoELayer nor a Hugging Face MoE model that lightning_mpipemoe.hf_models covers); it trains as "
+                "plain DDP"
             )
             self._units, self._expert_keys = [], {}
             return
@@ -361,6 +368,31 @@ class MPipeMoEStrategy(DDPStrategy):
         with torch.no_grad():
             for key in sorted(self._expert_keys):
                 dist.broadcast(named[key].data, src=src, group=groups.expert_dp)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)
+        self._check_even_batches(dataloader)
+        return dataloader
+
+    def _check_even_batches(self, dataloader: object) -> None:
+        """Every MoE forward is collective over the EP group, so every rank must run as many
+        batches. Lightning's predict sampler does not pad the data to equal shares."""
+        batch_sampler = getattr(dataloader, "batch_sampler", None)  # Lightning's predict wrapper copies its fields
+        sampler = getattr(batch_sampler, "sampler", None) or getattr(dataloader, "sampler", None)
+        if not isinstance(sampler, UnrepeatedDistributedSampler) or not self._units or self.moe_groups.ep_size == 1:
+            return
+        batch_size = getattr(batch_sampler, "batch_size", None) or getattr(dataloader, "batch_size", None) or 1
+        drop_last = getattr(batch_sampler, "drop_last", getattr(dataloader, "drop_last", False))
+        shares = [len(range(r, sampler.total_size, sampler.num_replicas)) for r in range(sampler.num_replicas)]
+        batches = sorted({n // batch_size if drop_last else -(-n // batch_size) for n in shares})
+        if len(batches) > 1:
+            raise ValueError(
+                f"the predict data ({sampler.total_size} samples over {sampler.num_replicas} ranks, batch size "
+                f"{batch_size}) gives the ranks {batches[0]} to {batches[-1]} batches; with expert parallelism every "
+                "MoE forward is collective, so every rank must run the same number: pad the dataset to a multiple "
+                "of the world size (x batch size)"
+            )
 
     # --------------------------------------------------------------------------- gradients
 
@@ -448,7 +480,9 @@ class MPipeMoEStrategy(DDPStrategy):
         return {name: read_executor_state(view) for name, view in self.moe_executors.items()}
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
+    ) -> None:
         """Collective: the checkpoint directory (`checkpointing.py`), written atomically."""
         if storage_options is not None:
             raise TypeError("MPipeMoEStrategy.save_checkpoint does not take storage_options")
@@ -466,7 +500,9 @@ class MPipeMoEStrategy(DDPStrategy):
             remove_stale(path)
             tmp.mkdir(parents=True)
         self.barrier("mpipemoe.save_checkpoint.mkdir")
-        meta, shard = split_checkpoint(checkpoint, self._expert_keys, groups.ep_size, self.world_size, self._executor_state())
+        meta, shard = split_checkpoint(
+            checkpoint, self._expert_keys, groups.ep_size, self.world_size, self._executor_state()
+        )
         written = []
         if self.is_global_zero:
             self.checkpoint_io.save_checkpoint(meta, tmp / META_FILE)
@@ -509,7 +545,8 @@ class MPipeMoEStrategy(DDPStrategy):
         """Collective over the EP group: the LightningModule's state dict with every expert, on
         EP rank 0 of each EP group (None elsewhere). `unconverted=True` maps Hugging Face units
         back to their original keys (what an unsharded copy of the module loads)."""
-        full = gather_full_state_dict(self.lightning_module, self._expert_keys, self.moe_groups, device=self.root_device)
+        groups = self.moe_groups
+        full = gather_full_state_dict(self.lightning_module, self._expert_keys, groups, device=self.root_device)
         if full is None or not unconverted:
             return full
         for unit in self._units:

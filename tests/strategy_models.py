@@ -13,6 +13,7 @@ import json
 import os
 import signal
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 import lightning_mpipemoe  # noqa: F401  isort: skip  (before transformers; see tests/hf_tiny.py)
@@ -25,18 +26,25 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_mpipemoe import MoELayer, load_balancing_loss
+from lightning_mpipemoe import ExecutorConfig, MoELayer, load_balancing_loss
 
 VOCAB = 32
 SEQ = 8
 GLOBAL_BATCH = 4
 STEPS = 5
+#: Epochs of 3 steps: the step-3 checkpoint of the resume test is at an epoch boundary.
+#: (Lightning restarts a plain dataloader from its first batch when resuming mid-epoch.)
+STEPS_PER_EPOCH = 3
+#: What every equivalence run trains: TinyMoELM(**HPARAMS), Trainer(gradient_clip_val=CLIP).
+#: The clip value is between the gradient norms of the first steps, so clipping acts on some.
+HPARAMS = {"record_decisions": True}
+CLIP = 0.85
 
 
 class TokenDataset(Dataset):
     """`n` random sequences of `SEQ + 1` tokens (inputs and next-token targets), fixed by `seed`."""
 
-    def __init__(self, n: int = GLOBAL_BATCH * STEPS, seed: int = 0) -> None:
+    def __init__(self, n: int = GLOBAL_BATCH * STEPS_PER_EPOCH, seed: int = 0) -> None:
         self.tokens = torch.randint(0, VOCAB, (n, SEQ + 1), generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
@@ -46,14 +54,16 @@ class TokenDataset(Dataset):
         return self.tokens[index]
 
     def global_batch(self, step: int, size: int = GLOBAL_BATCH) -> torch.Tensor:
-        """The rows that all ranks together train on at `step` (of the first epoch).
+        """The rows that all ranks together train on at optimizer step `step` (from 0).
 
-        Lightning gives each rank a `DistributedSampler(shuffle=True, seed=0)`: one permutation
-        `randperm(n)` seeded with 0 for epoch 0, rank r of W taking positions r, r+W, ...; with
-        a per-rank batch of size/W, step s covers positions [s*size, (s+1)*size) for any W.
+        Lightning gives each rank a `DistributedSampler(shuffle=True, seed=0)`: in epoch e one
+        permutation `randperm(n)` seeded with e, rank r of W taking positions r, r+W, ...; with
+        a per-rank batch of size/W, step i of an epoch covers positions [i*size, (i+1)*size)
+        of that permutation, for any W.
         """
-        order = torch.randperm(len(self.tokens), generator=torch.Generator().manual_seed(0))
-        return self.tokens[order[step * size : (step + 1) * size]]
+        epoch, index = divmod(step, len(self.tokens) // size)
+        order = torch.randperm(len(self.tokens), generator=torch.Generator().manual_seed(epoch))
+        return self.tokens[order[index * size : (index + 1) * size]]
 
 
 class RecordingMoELayer(MoELayer):
@@ -70,6 +80,9 @@ class RecordingMoELayer(MoELayer):
 
     def executor_state_dict(self) -> dict:
         return {"decisions": dict(self.decisions)}
+
+    def executor_metrics(self) -> dict[str, float]:
+        return {"decisions_held": len(self.decisions)}
 
     def load_executor_state_dict(self, state: dict) -> None:
         self.loaded_state = dict(state)
@@ -106,14 +119,19 @@ class TinyMoELM(pl.LightningModule):
         momentum: float = 0.9,
         aux_coef: float = 0.05,
         record_decisions: bool = False,
+        num_partitions: int = 1,
+        restore: str = "none",
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(seed)
-        layer_cls = RecordingMoELayer if record_decisions else MoELayer
+        config = ExecutorConfig(num_partitions=num_partitions, restore=restore)
+        layer_cls = partial(RecordingMoELayer if record_decisions else MoELayer, config=config)
         self.embed = nn.Embedding(VOCAB, hidden)
-        self.blocks = nn.ModuleList(Block(hidden, 2, intermediate, num_experts, top_k, layer_cls) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            Block(hidden, 2, intermediate, num_experts, top_k, layer_cls) for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(hidden)
         self.head = nn.Linear(hidden, VOCAB)
 
@@ -134,9 +152,10 @@ class TinyMoELM(pl.LightningModule):
         batch_size, seq = inputs.shape
         per_sequence = [logits.view(batch_size, seq, -1) for logits in router_logits]
         hp = self.hparams
-        aux = torch.stack(
-            [load_balancing_loss(tuple(lg[b] for lg in per_sequence), hp.num_experts, hp.top_k) for b in range(batch_size)]
-        ).mean()
+        aux = torch.stack([
+            load_balancing_loss(tuple(lg[b] for lg in per_sequence), hp.num_experts, hp.top_k)
+            for b in range(batch_size)
+        ]).mean()
         return {"loss": ce + hp.aux_coef * aux, "aux_loss": aux.detach()}
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -197,6 +216,7 @@ class LossRecorder(Callback):
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
         mean = trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")
         if trainer.is_global_zero:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": trainer.global_step, "loss": float(mean)}) + "\n")
 
@@ -219,17 +239,18 @@ class SaveAt(Callback):
 
 
 class KillDuringSave(TorchCheckpointIO):
-    """On global rank `rank`, the `call`-th file write starts the file and then SIGKILLs its own
-    process: a rank dying in the middle of writing a checkpoint."""
+    """The job is killed in the middle of its `save_number`-th checkpoint save: each rank starts
+    writing its expert shard file, then SIGKILLs its own process (rank 0 has written the meta
+    file by then)."""
 
-    def __init__(self, rank: int, call: int) -> None:
+    def __init__(self, save_number: int) -> None:
         super().__init__()
-        self.rank, self.call, self.calls = rank, call, 0
+        self.save_number, self.saves = save_number, 0
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        if torch.distributed.get_rank() == self.rank:
-            self.calls += 1
-            if self.calls == self.call:
+        if Path(path).name.startswith("experts-"):
+            self.saves += 1
+            if self.saves == self.save_number:
                 Path(path).write_bytes(b"half a checkpoint")
                 os.kill(os.getpid(), signal.SIGKILL)
         super().save_checkpoint(checkpoint, path, storage_options)

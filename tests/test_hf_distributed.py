@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_mpipemoe import ExecutorConfig, build_process_groups
+from lightning_mpipemoe.grad_sync import reduce_expert_gradients
 from tests.dist_utils import run_distributed
 from tests.hf_tiny import FAMILIES, check_against_hf, is_seq2seq, tiny_batch, tiny_model
 
@@ -70,17 +71,14 @@ def test_matches_hf_expert_parallel(world_size):
 
 
 def _sync_grads(model, groups, sharded_keys) -> None:
-    """What the Lightning strategy will do: average non-expert grads over dp, experts over expert-dp."""
+    """What the Lightning strategy does: non-expert grads averaged over the world (DDP), expert
+    grads summed over expert-dp and divided by the world size (`reduce_expert_gradients`)."""
+    experts = [p for name, p in model.named_parameters() if name in sharded_keys]
+    reduce_expert_gradients(experts, groups)
     for name, param in model.named_parameters():
-        if param.grad is None:
-            continue
-        if name in sharded_keys:
-            group, size = groups.expert_dp, groups.expert_dp_size
-        else:
-            group, size = groups.dp, groups.world_size
-        if size > 1:
-            dist.all_reduce(param.grad, group=group)
-            param.grad /= size
+        if param.grad is not None and name not in sharded_keys and groups.world_size > 1:
+            dist.all_reduce(param.grad, group=groups.dp)
+            param.grad /= groups.world_size
 
 
 def _round_trip_worker(rank: int, world_size: int, root: str) -> None:
