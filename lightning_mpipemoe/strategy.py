@@ -39,7 +39,6 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.fabric.utilities.types import _PATH
@@ -177,7 +176,8 @@ class MPipeMoEStrategy(DDPStrategy):
             a build whose `ExecutorConfig` has no tuner (`executor_overrides`).
         simulated_link: a `config.SimulatedLink` (or a dict of its fields) that every
             all-to-all also crosses, for schedule studies on CPU.
-        timeout: timeout of the default process group and of every MoE process group.
+        timeout: timeout of the default process group and of every MoE process group
+            (default 5 minutes, not torch's 30: a dead peer ends the run with an error soon).
         log_moe_metrics: "layer" (per-layer routing and executor metrics), "expert" (also the
             tokens of every expert) or "off".
         start_method: "popen" (scripts, torchrun, SLURM; registered as "mpipemoe") or "spawn"
@@ -193,7 +193,7 @@ class MPipeMoEStrategy(DDPStrategy):
         restore: Optional[str] = None,
         memory_budget: int | float | None = None,
         simulated_link: SimulatedLink | Mapping[str, float] | None = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
+        timeout: timedelta = DEFAULT_TIMEOUT,
         log_moe_metrics: Literal["layer", "expert", "off"] = "layer",
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -220,8 +220,8 @@ class MPipeMoEStrategy(DDPStrategy):
             )
         if log_moe_metrics not in _LOG_LEVELS:
             raise ValueError(f"log_moe_metrics must be one of {_LOG_LEVELS}, got {log_moe_metrics!r}")
-        if timeout is not None and not isinstance(timeout, timedelta):
-            raise TypeError(f"timeout must be a datetime.timedelta, got {timeout!r}")
+        if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
+            raise TypeError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -305,7 +305,7 @@ class MPipeMoEStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         self._check_layout()  # before the rendezvous
         super().setup_environment()
-        self._groups = build_process_groups(self.expert_parallel_size, timeout=self._timeout or DEFAULT_TIMEOUT)
+        self._groups = build_process_groups(self.expert_parallel_size, timeout=self._timeout)
         groups = self._groups
         rank_zero_info(
             f"MPipeMoEStrategy: {groups.world_size} ranks = expert_parallel_size {groups.ep_size} x "
