@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m lightning_mpipemoe.demo
+	OMP_NUM_THREADS=1 $(PY) -m lightning_mpipemoe.recipes.finetune
 
 # pytest's exit code 5 (no test collected) is a failure too.
 test: $(STAMP)

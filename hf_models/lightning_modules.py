@@ -83,12 +83,14 @@ class MoEFineTuneModule(pl.LightningModule):
         self._reset_stats()
         loss, parts = self.compute_loss(batch)
         batch_size = batch["input_ids"].shape[0] if "input_ids" in batch else None
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        # Validation values are epoch means over every rank's share; training ones are per step.
+        sync = stage != "train"
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=sync)
         for name, value in parts.items():
-            self.log(f"{stage}/{name}", value, batch_size=batch_size)
+            self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=sync)
         if self.hparams.log_moe_metrics:
             for name, value in routing_metrics(self.model).items():
-                self.log(f"{stage}/{name}", value, batch_size=batch_size)
+                self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=sync)
         return loss
 
     @override
