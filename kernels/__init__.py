@@ -2,7 +2,8 @@
 
 `permute`, `unpermute` and `grouped_mm` are what the executor calls. They are
 `torch.library` custom ops (namespace `mpipemoe`) with fake kernels and autograd, dispatched
-by device: CPU tensors take the pure-PyTorch reference, CUDA tensors the Triton kernels
+by device: CPU tensors take `CpuBackend` (the pure-PyTorch reference's formulas without its
+extra copies, bit-identical to it up to the sign of zeros), CUDA tensors the Triton kernels
 (and, for the grouped GEMM, torch's `grouped_mm` where it measures faster). Triton is only
 imported when a CUDA tensor first reaches an op.
 """
@@ -13,7 +14,7 @@ imported when a CUDA tensor first reaches an op.
 # over the first, with its own backend table, and importing the real package from here would
 # close an import cycle through transformers.
 if __name__ == "lightning_mpipemoe.kernels":
-    from .backends import KernelBackend, ReferenceBackend, backend_for, set_backend, use_backend
+    from .backends import CpuBackend, KernelBackend, ReferenceBackend, backend_for, set_backend, use_backend
     from .index import PaddedSegments, invert_src_rows, pad_segments, segment_counts
     from .ops import grouped_mm, permute, unpermute
     from .reference import (
@@ -26,6 +27,7 @@ if __name__ == "lightning_mpipemoe.kernels":
     )
 
     __all__ = [
+        "CpuBackend",
         "KernelBackend",
         "PaddedSegments",
         "ReferenceBackend",

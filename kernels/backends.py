@@ -1,9 +1,10 @@
 """Which implementation the custom ops run, chosen by the device type of their inputs.
 
 A backend implements the six primitive ops (three forwards, three backwards); the custom ops
-in `ops.py` and their autograd formulas are written once on top of it. CPU (and any device
-without a registered backend) runs the pure-PyTorch reference; CUDA runs `TritonBackend`,
-created on first use so that importing the package never imports Triton.
+in `ops.py` and their autograd formulas are written once on top of it. CPU runs `CpuBackend`
+(`cpu_backend.py`: the reference's formulas without its extra copies, tested against it); any
+other device without a registered backend runs the pure-PyTorch reference; CUDA runs
+`TritonBackend`, created on first use so that importing the package never imports Triton.
 
 `use_backend` swaps the backend of one device type for a block: the tests route CPU tensors
 through the Triton kernels under TRITON_INTERPRET that way, and the benchmark pins one
@@ -22,8 +23,9 @@ from typing import Protocol
 import torch
 
 from . import reference
+from .cpu_backend import CpuBackend
 
-__all__ = ["KernelBackend", "ReferenceBackend", "backend_for", "set_backend", "use_backend"]
+__all__ = ["CpuBackend", "KernelBackend", "ReferenceBackend", "backend_for", "set_backend", "use_backend"]
 
 
 class KernelBackend(Protocol):
@@ -83,11 +85,12 @@ def _make_triton_backend() -> KernelBackend:
 
 _REFERENCE = ReferenceBackend()
 _backends: dict[str, KernelBackend] = {}
-_factories: dict[str, Callable[[], KernelBackend]] = {"cuda": _make_triton_backend}
+_factories: dict[str, Callable[[], KernelBackend]] = {"cpu": CpuBackend, "cuda": _make_triton_backend}
 
 
 def backend_for(device: torch.device) -> KernelBackend:
-    """The backend for tensors on `device`: the registered one, else the reference."""
+    """The backend for tensors on `device`: the registered one, else the device type's default
+    (`CpuBackend` on CPU, `TritonBackend` on CUDA), else the reference."""
     kind = device.type
     backend = _backends.get(kind)
     if backend is None:

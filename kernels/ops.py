@@ -3,7 +3,7 @@
 Being `torch.library.custom_op`s, they are opaque to `torch.compile` (the fake functions give
 it shapes) and their gradients come from the formulas registered here, which call the
 backward ops. Each op runs on the backend of its inputs' device (`backends.backend_for`):
-the reference on CPU, Triton on CUDA.
+`CpuBackend` on CPU, Triton on CUDA.
 
 Saved for backward, and nothing more: permute keeps only its index tensors; unpermute keeps
 the rows only when the routing weights need a gradient; grouped_mm keeps x only when w needs

@@ -1,9 +1,9 @@
 """Pure-PyTorch reference implementations of the token-permutation and grouped-GEMM ops.
 
-These are the plain paths that every fast kernel is tested against, and what the executor
-runs on CPU. Autograd of the forward functions comes from the torch ops they are built of;
-the explicit backward functions below are what the custom ops call on CPU, and the tests
-check them against that autograd.
+These are the plain paths that every fast kernel is tested against (the CPU backend of
+`cpu_backend.py`, which the executor runs on CPU, included). Autograd of the forward functions
+comes from the torch ops they are built of; the explicit backward functions below are what
+`ReferenceBackend` calls, and the tests check them against that autograd.
 
 Shape legend: T tokens, K top-k, S permuted rows (slots, possibly padded), H model dim,
 E experts (local), O output features of a grouped GEMM, D its input features.

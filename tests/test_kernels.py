@@ -2,7 +2,9 @@
 the Triton kernels under the interpreter (in a subprocess), and GPU checks (`--gpu`).
 
 Every comparison is against the pure-PyTorch reference, outputs and every gradient, at awkward
-sizes (100 and 600 rows, experts with no tokens, K = 1, 2, 8, padding on and off).
+sizes (100 and 600 rows, experts with no tokens, K = 1, 2, 8, padding on and off). The CPU
+backend (`CpuBackend`, what the ops run on CPU) must match the reference bit for bit (`torch.equal`,
+which takes -0.0 == 0.0), primitive by primitive and through the ops' autograd.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from kernels_helpers import assert_close, make_routing, poisoned_empty
 
 from lightning_mpipemoe import kernels
-from lightning_mpipemoe.kernels import ops
+from lightning_mpipemoe.kernels import ops, reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,7 @@ def test_triton_kernels_under_interpreter(tmp_path):
     assert counts["tests"] >= 50, f"only {counts['tests']} interpreted cases ran:\n{tail}"
 
 
-# --- the custom ops on CPU (reference backend) -------------------------------------------------
+# --- the custom ops on CPU (CpuBackend, checked against the reference) -------------------------
 
 ROUTINGS = [
     (100, 1, 4, (2,)),
@@ -115,6 +117,165 @@ def test_cpu_grouped_mm_zero_tail_and_empty_experts(counts, tail):
     for e, count in enumerate(counts):
         torch.testing.assert_close(y[start : start + count], x[start : start + count] @ w[e].T)
         start += count
+
+
+def _routing_layout(routing_case, padded: bool):
+    """(src_row, pos, offsets) of a ROUTINGS case: some slots dropped (-1 in pos) for K > 1; when
+    padded, padding rows (-1 in src_row, read by no token) and spare rows past the last offset."""
+    num_tokens, top_k, num_experts, empty = routing_case
+    routing = make_routing(num_tokens, top_k, num_experts, empty_experts=empty, drop_every=7 if top_k > 1 else 0)
+    if not padded:
+        return routing.src_row_S, routing.pos_TK, routing.offsets_E
+    layout = kernels.pad_segments(routing.src_row_S, routing.counts_E, block=8)
+    return layout.src_row_P, layout.pad_pos(routing.pos_TK), layout.offsets_E
+
+
+def _assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
+        f"{what}: {actual.dtype} {tuple(actual.shape)} vs {expected.dtype} {tuple(expected.shape)}"
+    )
+    if not torch.equal(actual, expected):
+        diff = (actual.double() - expected.double()).abs()
+        raise AssertionError(f"{what}: not bit-identical, max |diff| {float(diff.nan_to_num(float('inf')).max()):.3g}")
+
+
+@pytest.mark.parametrize("weights_dtype", ["same", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("routing_case", ROUTINGS, ids=lambda c: f"T{c[0]}-K{c[1]}-E{c[2]}")
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_cpu_backend_primitives_equal_reference(dtype, weights_dtype, routing_case, padded):
+    """Each of the six primitives of CpuBackend against its reference function, bit for bit.
+
+    Under `poisoned_empty` an output row the lean code leaves unwritten is NaN, never a zero.
+    """
+    src_row, pos, offsets = _routing_layout(routing_case, padded)
+    num_tokens, top_k = pos.shape
+    num_rows, num_experts = src_row.shape[0], offsets.shape[0]
+    gen = torch.Generator().manual_seed(11)
+    w_dtype = dtype if weights_dtype == "same" else torch.float32
+    hidden_TH = torch.randn(num_tokens, 24, generator=gen).to(dtype)
+    rows_SH = torch.randn(num_rows, 24, generator=gen).to(dtype)
+    weights_TK = torch.rand(num_tokens, top_k, generator=gen).to(w_dtype)
+    grad_out_TH = torch.randn(num_tokens, 24, generator=gen).to(dtype)
+    w_EOD = (torch.randn(num_experts, 16, 24, generator=gen) / 5).to(dtype)
+    grad_y_SO = torch.randn(num_rows, 16, generator=gen).to(dtype)
+    cpu = kernels.CpuBackend()
+    with poisoned_empty():
+        _assert_equal(cpu.permute(hidden_TH, src_row, pos), reference.permute_reference(hidden_TH, src_row), "permute")
+        _assert_equal(
+            cpu.permute_backward(rows_SH, src_row, pos, num_tokens),
+            reference.permute_backward_reference(rows_SH, src_row, num_tokens),
+            "permute backward",
+        )
+        _assert_equal(cpu.unpermute(rows_SH, pos, weights_TK), reference.unpermute_reference(rows_SH, pos, weights_TK), "unpermute")
+        for rows in (rows_SH, None):
+            got = cpu.unpermute_backward(grad_out_TH, pos, weights_TK, rows, num_rows)
+            expected = reference.unpermute_backward_reference(grad_out_TH, pos, weights_TK, rows, num_rows)
+            _assert_equal(got[0], expected[0], f"unpermute backward rows (rows kept: {rows is not None})")
+            _assert_equal(got[1], expected[1], f"unpermute backward weights (rows kept: {rows is not None})")
+        _assert_equal(cpu.grouped_mm(rows_SH, w_EOD, offsets), reference.grouped_mm_reference(rows_SH, w_EOD, offsets), "grouped mm")
+        w_EDO = w_EOD.transpose(1, 2)  # the input-gradient form the autograd formula calls
+        _assert_equal(
+            cpu.grouped_mm(grad_y_SO, w_EDO, offsets), reference.grouped_mm_reference(grad_y_SO, w_EDO, offsets), "grouped mm (w^T)"
+        )
+        _assert_equal(
+            cpu.grouped_mm_weight_grad(grad_y_SO, rows_SH, offsets),
+            reference.grouped_mm_weight_grad_reference(grad_y_SO, rows_SH, offsets),
+            "grouped mm weight grad",
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("routing_case", ROUTINGS, ids=lambda c: f"T{c[0]}-K{c[1]}-E{c[2]}")
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_cpu_backend_ops_equal_reference_backend(dtype, routing_case, padded):
+    """The ops' forward and every gradient on CpuBackend (the CPU default) against the same ops on
+    ReferenceBackend, bit for bit: an expert FFN (regroup permutations, gated grouped GEMMs)
+    between a permute and a weighted unpermute."""
+    src_row, pos, offsets = _routing_layout(routing_case, padded)
+    num_tokens, top_k = pos.shape
+    num_rows, num_experts = src_row.shape[0], offsets.shape[0]
+    gen = torch.Generator().manual_seed(7)
+    regroup_S = torch.randperm(num_rows, generator=gen)  # a permutation: the gather backward
+    tensors = [
+        torch.randn(num_tokens, 24, generator=gen).to(dtype),
+        torch.rand(num_tokens, top_k, generator=gen),
+        (torch.randn(num_experts, 32, 24, generator=gen) / 5).to(dtype),
+        (torch.randn(num_experts, 24, 16, generator=gen) / 4).to(dtype),
+    ]
+    grad_TH = torch.randn(num_tokens, 24, generator=gen)
+
+    def run():
+        x, w, w_in, w_out = leaves = [_leaf(t) for t in tensors]
+        rows = kernels.permute(kernels.permute(x, src_row, pos), regroup_S)
+        gate, up = kernels.grouped_mm(rows, w_in, offsets).chunk(2, dim=-1)
+        y = kernels.permute(kernels.grouped_mm(F.silu(gate) * up, w_out, offsets), torch.argsort(regroup_S))
+        out = kernels.unpermute(y, pos, w)
+        (out.float() * grad_TH).sum().backward()
+        return [out, *(leaf.grad for leaf in leaves)]
+
+    assert isinstance(kernels.backend_for(torch.device("cpu")), kernels.CpuBackend)
+    with poisoned_empty():
+        got = run()
+        with kernels.use_backend("cpu", kernels.ReferenceBackend()):
+            expected = run()
+    for name, a, b in zip(["output", "grad hidden", "grad weights", "grad w_in", "grad w_out"], got, expected):
+        _assert_equal(a, b, name)
+
+
+def test_cpu_backend_edge_cases():
+    """Empty inputs, all-padding indices, a gather-path permute backward (at most one row per
+    token, some tokens without one), a row read twice in unpermute (falls back to the reference's
+    sum) and non-finite values in rows that padding never reads."""
+    cpu = kernels.CpuBackend()
+    gen = torch.Generator().manual_seed(3)
+    with poisoned_empty():
+        # empty tokens / rows / experts
+        empty_H = torch.randn(0, 5)
+        _assert_equal(cpu.permute(empty_H, torch.tensor([-1, -1]), None), torch.zeros(2, 5), "permute of nothing")
+        _assert_equal(cpu.permute(empty_H, torch.zeros(0, dtype=torch.int64), None), torch.zeros(0, 5), "empty permute")
+        x, w = torch.randn(6, 4, generator=gen), torch.randn(0, 3, 4)
+        _assert_equal(cpu.grouped_mm(x, w, torch.zeros(0, dtype=torch.int64)), torch.zeros(6, 3), "no experts")
+        _assert_equal(
+            cpu.grouped_mm_weight_grad(torch.randn(6, 3), x, torch.tensor([0, 0])), torch.zeros(2, 3, 4), "no rows"
+        )
+        pos = torch.full((3, 2), -1)
+        weights = torch.rand(3, 2, generator=gen)
+        for got, expected in zip(
+            cpu.unpermute_backward(torch.randn(3, 4), pos, weights, torch.randn(5, 4), 5),
+            reference.unpermute_backward_reference(torch.randn(3, 4), pos, weights, torch.randn(5, 4), 5),
+        ):
+            _assert_equal(got, expected, "all slots dropped")
+        # the gather path of permute backward: injective with and without misses, int32 index
+        grad_rows = torch.randn(7, 4, generator=gen)
+        for src in ([3, 0, 6, 5, 1, 2, 4], [3, -1, 6, 5, 1, -1, 0], [9, 1, 8, 4, -1, 2, 0]):
+            for dtype in (torch.int64, torch.int32):
+                index = torch.tensor(src, dtype=dtype)
+                tokens = max(src) + 1
+                _assert_equal(
+                    cpu.permute_backward(grad_rows, index, None, tokens),
+                    reference.permute_backward_reference(grad_rows, index, tokens),
+                    f"permute backward {src} {dtype}",
+                )
+        # a row read twice breaks unpermute's contract; the backward still sums like the reference
+        pos_twice = torch.tensor([[0, 2], [2, 1]])
+        grad_out, rows = torch.randn(2, 4, generator=gen), torch.randn(3, 4, generator=gen)
+        for got, expected in zip(
+            cpu.unpermute_backward(grad_out, pos_twice, weights[:2], rows, 3),
+            reference.unpermute_backward_reference(grad_out, pos_twice, weights[:2], rows, 3),
+        ):
+            _assert_equal(got, expected, "row read twice")
+    # padding reads zeros even where row 0 (what a clamped index reads) is not finite
+    hidden = torch.randn(4, 3, generator=gen)
+    hidden[0] = float("nan")
+    src = torch.tensor([1, -1, 0, -1])
+    got, expected = cpu.permute(hidden, src, None), reference.permute_reference(hidden, src)
+    assert torch.all(got[[1, 3]] == 0) and torch.equal(got[[0, 1, 3]], expected[[0, 1, 3]]) and got[2].isnan().all()
+    rows = torch.randn(3, 3, generator=gen)
+    rows[0] = float("inf")
+    pos = torch.tensor([[1, -1], [2, -1]])
+    weights = torch.rand(2, 2, generator=gen)
+    _assert_equal(cpu.unpermute(rows, pos, weights), reference.unpermute_reference(rows, pos, weights), "non-finite unread row")
 
 
 def test_unpermute_mixed_dtypes_promote_then_cast():
@@ -240,11 +401,17 @@ class _NegatingBackend(kernels.ReferenceBackend):
 def test_backend_follows_device_and_use_backend_restores():
     cpu = torch.device("cpu")
     default = kernels.backend_for(cpu)
-    assert isinstance(default, kernels.ReferenceBackend)
+    assert isinstance(default, kernels.CpuBackend)
     x, src = torch.randn(3, 2), torch.tensor([2, 0])
     with kernels.use_backend("cpu", _NegatingBackend()):
         torch.testing.assert_close(kernels.permute(x, src), -x[src])
     assert kernels.backend_for(cpu) is default
+    kernels.set_backend("cpu", kernels.ReferenceBackend())
+    try:
+        assert isinstance(kernels.backend_for(cpu), kernels.ReferenceBackend)
+    finally:
+        kernels.set_backend("cpu", None)
+    assert isinstance(kernels.backend_for(cpu), kernels.CpuBackend)
     torch.testing.assert_close(kernels.permute(x, src), x[src])
     assert isinstance(kernels.backend_for(torch.device("meta")), kernels.ReferenceBackend)
 
@@ -359,7 +526,8 @@ def test_gpu_permute_unpermute(cuda, dtype, routing_case, padded, with_pos):
         return rows, out, x, w
 
     got = run(cuda, dtype)
-    ref = run(torch.device("cpu"), torch.float32)  # CPU: the reference backend
+    ref = run(torch.device("cpu"), torch.float32)  # CPU: CpuBackend, bit-identical to the reference
+
     def results(rows, out, x, w):
         return {"rows": rows, "out": out, "grad hidden": x.grad, "grad weights": w.grad, "grad rows": rows.grad}
 

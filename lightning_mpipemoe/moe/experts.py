@@ -7,7 +7,7 @@ O = 2I for gated experts (gate and up concatenated) or I for plain ones, E local
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +107,48 @@ def expert_output_projection(act_SI: torch.Tensor, offsets_E: torch.Tensor, expe
     return y_SH
 
 
-def expert_ffn(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
-    """The expert FFN over contiguous per-expert row segments (`offsets_E`: cumulative ends)."""
+def _one_expert(experts: ExpertWeights, e: int) -> ExpertWeights:
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[e : e + 1]
+
+    return replace(
+        experts,
+        w_in_EOH=rows(experts.w_in_EOH),
+        w_out_EHI=rows(experts.w_out_EHI),
+        b_in_EO=rows(experts.b_in_EO),
+        b_out_EH=rows(experts.b_out_EH),
+    )
+
+
+def _expert_ffn_by_segment(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+    """One expert at a time, for CPU: the per-expert intermediates stay in cache, and the
+    allocator reuses them instead of mapping fresh pages for one `[S, 2I]` tensor per call
+    (tens of thousands of page faults a step). Bit-identical to the grouped form."""
+    pieces, start = [], 0
+    for e, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            one = _one_expert(experts, e)
+            pre_SO = expert_input_projection(x_SH[start:end], offsets_E.new_tensor([end - start]), one)
+            pieces.append(expert_output_projection(expert_activation(pre_SO, one), offsets_E.new_tensor([end - start]), one))
+        start = end
+    if not pieces:  # no rows: the grouped form keeps the (empty) output in the autograd graph
+        return _expert_ffn_grouped(x_SH, offsets_E, experts)
+    if start < x_SH.shape[0]:  # rows past the last offset (padding) are zero
+        pieces.append(x_SH.new_zeros(x_SH.shape[0] - start, experts.hidden_size))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+
+def _expert_ffn_grouped(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     pre_SO = expert_input_projection(x_SH, offsets_E, experts)
     return expert_output_projection(expert_activation(pre_SO, experts), offsets_E, experts)
+
+
+def expert_ffn(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+    """The expert FFN over contiguous per-expert row segments (`offsets_E`: cumulative ends).
+
+    The output always stays in the autograd graph, even with no rows: under expert
+    parallelism a rank that received nothing must still join the backward all-to-alls.
+    """
+    if x_SH.device.type == "cpu":
+        return _expert_ffn_by_segment(x_SH, offsets_E, experts)
+    return _expert_ffn_grouped(x_SH, offsets_E, experts)
