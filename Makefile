@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test clean-venv
+.PHONY: run test bench clean-venv
 
 $(STAMP): pyproject.toml requirements-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,18 @@ run: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
+
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+# The side-by-side benchmark suite (one process launch per configuration, < 20 min on 2 cores):
+# regenerates benchmarks/RESULTS.md, benchmarks/plots/*.png and benchmarks/results/suite.{json,csv}.
+# BENCH_ARGS=--quick for a smoke run (results under benchmarks/results/quick/).
+bench: $(BENCH_STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/suite.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
