@@ -28,6 +28,7 @@ from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 from lightning_mpipemoe.config import ExecutorConfig
 from lightning_mpipemoe.groups import MoEProcessGroups
 from lightning_mpipemoe.moe import ExpertWeights, RoutingStats, expert_parallel_forward
+from lightning_mpipemoe.moe.tuner import LayerTuner
 
 __all__ = [
     "BINDING_ATTR",
@@ -44,6 +45,7 @@ __all__ = [
 
 EXPERTS_IMPLEMENTATION = "mpipemoe"
 BINDING_ATTR = "_mpipemoe_binding"
+LOCAL_BINDING_ATTR = "_mpipemoe_local_binding"  # the implicit EP = 1 binding of an unconverted module
 
 
 class UnsupportedExpertsLayout(ValueError):
@@ -63,6 +65,7 @@ class ExecutorBinding:
     groups: MoEProcessGroups = field(default_factory=MoEProcessGroups.local)
     config: ExecutorConfig = field(default_factory=ExecutorConfig)
     stats: RoutingStats | None = None
+    tuner: LayerTuner = field(default_factory=LayerTuner)
 
     def __post_init__(self) -> None:
         if self.num_experts % self.groups.ep_size:
@@ -75,6 +78,17 @@ class ExecutorBinding:
         # Process groups are shared handles (and cannot be copied); the copy gets its own stats.
         stats = RoutingStats() if self.stats is not None else None
         return ExecutorBinding(self.num_experts, self.groups, self.config, stats)
+
+    # The hooks the Lightning strategy reads (lightning_mpipemoe.discovery): the tuner's
+    # decisions go into checkpoints, its choices into the logged metrics.
+    def executor_state_dict(self) -> dict:
+        return self.tuner.state_dict()
+
+    def load_executor_state_dict(self, state: dict) -> None:
+        self.tuner.load_state_dict(state)
+
+    def executor_metrics(self) -> dict[str, float]:
+        return self.tuner.metrics()
 
     @property
     def num_local_experts(self) -> int:
@@ -133,7 +147,13 @@ def get_binding(module: nn.Module) -> ExecutorBinding:
             "(DistributedConfig(ep_size=...)); the mpipemoe implementation shards experts itself: load the "
             "model without HF expert parallelism and use lightning_mpipemoe.hf_models.convert_model"
         )
-    return ExecutorBinding(num_experts=module.num_experts)
+    # Kept on the module, so that its tuner's decisions last from call to call; under its own
+    # attribute, so that a later convert_model (which shards) does not take it for a previous one.
+    binding = getattr(module, LOCAL_BINDING_ATTR, None)
+    if binding is None:
+        binding = ExecutorBinding(num_experts=module.num_experts)
+        setattr(module, LOCAL_BINDING_ATTR, binding)
+    return binding
 
 
 def expert_weights_of(module: nn.Module) -> ExpertWeights:
@@ -180,6 +200,7 @@ def mpipemoe_experts_forward(
         combine_group=groups.ep_combine,
         config=binding.config,
         stats=binding.stats,
+        tuner=binding.tuner,
     )
 
 

@@ -102,17 +102,24 @@ class MPipeSwitchSparseMLP(nn.Module):
         router_probs_BSE = F.softmax(router_logits_BSE, dim=-1, dtype=self.router.dtype).to(self.router.input_dtype)
         index_T1 = torch.argmax(router_probs_BSE, dim=-1).reshape(-1, 1)
         binding: ExecutorBinding = getattr(self, BINDING_ATTR)
+        config, tuner = binding.config, binding.tuner
+        if self.experts.training and self.experts.dropout.p > 0 and config.is_auto:
+            # Expert dropout draws its mask inside the activation, which the pipelined path
+            # recomputes in backward: "auto" then means the plain path (an explicit pipelined
+            # config is refused with a clear error in `weights`).
+            config, tuner = config.resolved(1, "none"), None
         out_TH = expert_parallel_forward(
             hidden_states.reshape(-1, hidden_dim),
             index_T1,
             top_prob_BS1.reshape(-1, 1),
-            self.experts.weights(binding.config),
+            self.experts.weights(config),
             ep_group=binding.groups.ep,
             combine_group=binding.groups.ep_combine,
-            config=binding.config,
+            config=config,
             capacity=int(self.router.expert_capacity),
             capacity_group_size=seq_len,
             stats=binding.stats,
+            tuner=tuner,
         )
         return out_TH.reshape(batch_size, seq_len, hidden_dim)
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-__all__ = ["RESTORE_STRATEGIES", "ExecutorConfig", "SimulatedLink"]
+__all__ = ["AUTO", "DEFAULT_CANDIDATES", "RESTORE_STRATEGIES", "ExecutorConfig", "SimulatedLink", "budget_bytes"]
 
 #: How backward gets back what buffer reuse overwrote (DESIGN.md §1.4): `none` keeps a copy
 #: per partition (no reuse); s1 offloads T_DI and T_M; s2 re-communicates T_DI and offloads
@@ -51,33 +51,120 @@ class SimulatedLink:
         return num_bytes / self.bandwidth_bytes_per_s
 
 
+#: `num_partitions` / `restore` value that hands the choice to the layer's tuner.
+AUTO = "auto"
+
+#: The default bounded candidate set of the granularity tuner (DESIGN.md §1.2).
+DEFAULT_CANDIDATES = (1, 2, 4, 8)
+
+
 @dataclass(frozen=True)
 class ExecutorConfig:
     """How one MoE layer call is executed.
 
     Args:
         num_partitions: `n`, the number of micro-partitions the tokens of a call are split
-            into and pipelined (dispatch of i+1 and combine of i-1 overlap the experts of i).
+            into and pipelined (dispatch of i+1 and combine of i-1 overlap the experts of i),
+            or "auto" (the default): the layer's `LayerTuner` picks n per token count from
+            `candidates` by profiling real training calls (`lightning_mpipemoe.moe.tuner`).
         restore: one of `RESTORE_STRATEGIES`; anything but `none` shares the T_DI / T_M /
-            T_DO buffers between partitions and rebuilds them for backward.
+            T_DO buffers between partitions and rebuilds them for backward. "auto" (the
+            default) takes `none` unless `memory_budget` excludes it, and otherwise the
+            strategy the calibrated cost model of DESIGN.md §1.5 finds cheapest within the
+            budget (`lightning_mpipemoe.moe.cost_model`).
         link: an optional `SimulatedLink` that every all-to-all also crosses (tests and
             benchmarks of the schedule on machines without a real slow link).
+        memory_budget: what one MoE layer call may hold on the device (bytes held for
+            backward plus peak temporaries, DESIGN.md §1.3's analytic model): an int number
+            of bytes, or a float in (0, 1], a fraction of the device's memory (of physical
+            RAM on CPU). Only the "auto" choices obey it; None (default) is no limit.
+        candidates: the bounded set of n the tuner may pick (distinct positive ints).
+
+    An explicit `num_partitions=1, restore="none"` is the plain reference path, exactly as
+    before; explicit values are never changed by a tuner. Without a tuner (a caller that
+    passes none to `expert_parallel_forward`), "auto" means the untuned default: the
+    smallest candidate and `none`.
     """
 
-    num_partitions: int = 1
-    restore: str = "none"
+    num_partitions: int | str = AUTO
+    restore: str = AUTO
     link: SimulatedLink | None = None
+    memory_budget: int | float | None = None
+    candidates: tuple[int, ...] = DEFAULT_CANDIDATES
 
     def __post_init__(self) -> None:
         n = self.num_partitions
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_partitions must be a positive int, got {n!r}")
-        if self.restore not in RESTORE_STRATEGIES:
-            raise ValueError(f"restore={self.restore!r} is not one of {RESTORE_STRATEGIES}")
+        if n != AUTO and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"num_partitions must be a positive int or 'auto', got {n!r}")
+        if self.restore != AUTO and self.restore not in RESTORE_STRATEGIES:
+            raise ValueError(f"restore={self.restore!r} is not 'auto' or one of {RESTORE_STRATEGIES}")
         if self.link is not None and not isinstance(self.link, SimulatedLink):
             raise TypeError(f"link must be a SimulatedLink or None, got {type(self.link).__name__}")
+        _check_budget(self.memory_budget)
+        candidates = self.candidates
+        if isinstance(candidates, list):
+            candidates = tuple(candidates)
+            object.__setattr__(self, "candidates", candidates)
+        if (
+            not isinstance(candidates, tuple)
+            or not candidates
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in candidates)
+            or len(set(candidates)) != len(candidates)
+        ):
+            raise ValueError(f"candidates must be a non-empty tuple of distinct positive ints, got {self.candidates!r}")
+        if len(candidates) > 16:
+            raise ValueError(f"candidates holds {len(candidates)} values; the tuner profiles each, keep it to <= 16")
+        object.__setattr__(self, "candidates", tuple(sorted(candidates)))
 
     @property
     def pipelined(self) -> bool:
-        """Whether the call takes the pipelined executor rather than the plain reference path."""
-        return self.num_partitions > 1 or self.restore != "none"
+        """Whether the call takes (for "auto": may take) the pipelined executor rather than the
+        plain reference path."""
+        return self.num_partitions != 1 or self.restore != "none"
+
+    @property
+    def tunes_partitions(self) -> bool:
+        return self.num_partitions == AUTO
+
+    @property
+    def tunes_restore(self) -> bool:
+        return self.restore == AUTO
+
+    @property
+    def is_auto(self) -> bool:
+        """Whether a tuner chooses anything for this config."""
+        return self.tunes_partitions or self.tunes_restore
+
+    def resolved(self, num_partitions: int | None = None, restore: str | None = None) -> "ExecutorConfig":
+        """A copy with "auto" replaced: by the given choices, else by the untuned default
+        (smallest candidate, `none`)."""
+        n = self.num_partitions if not self.tunes_partitions else (num_partitions or self.candidates[0])
+        r = self.restore if not self.tunes_restore else (restore or "none")
+        return replace(self, num_partitions=n, restore=r)
+
+
+def _check_budget(budget) -> None:
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"memory_budget must be bytes (int), a fraction in (0, 1] (float) or None, got {budget!r}")
+    if isinstance(budget, float) and (math.isnan(budget) or math.isinf(budget)):
+        raise ValueError(f"memory_budget must be finite, got {budget!r}")
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be > 0 (bytes, or a fraction in (0, 1] of device memory), got {budget!r}")
+    if isinstance(budget, float) and budget > 1 and not budget.is_integer():
+        raise ValueError(
+            f"memory_budget={budget!r}: a float must be a fraction in (0, 1] of device memory or a whole number of "
+            "bytes (e.g. 8e9)"
+        )
+
+
+def budget_bytes(budget: int | float | None, device_memory_bytes: int) -> int | None:
+    """`memory_budget` in bytes: ints (and whole floats above 1) are bytes, floats in (0, 1] a
+    fraction of `device_memory_bytes`."""
+    _check_budget(budget)
+    if budget is None:
+        return None
+    if isinstance(budget, float) and budget <= 1:
+        return int(budget * device_memory_bytes)
+    return int(budget)

@@ -130,8 +130,9 @@ def test_matrix_one_rank(num_tokens):
     assert check_matrix(0, 1, _Local(), [num_tokens]) == len(SCENARIOS) * len(PARTITIONS) * len(RESTORE_STRATEGIES)
 
 
-def test_default_config_takes_reference_and_others_the_pipeline():
-    assert not ExecutorConfig().pipelined
+def test_explicit_plain_config_takes_reference_and_others_the_pipeline():
+    assert not ExecutorConfig(num_partitions=1, restore="none").pipelined
+    assert ExecutorConfig().is_auto and not ExecutorConfig().resolved().pipelined  # untuned "auto" is the plain path
     assert ExecutorConfig(num_partitions=2).pipelined and ExecutorConfig(restore="s4").pipelined
     full = make_weights(4, True, True)
     tokens = make_tokens(9, 4, 2, "random", seed=1)

@@ -4,7 +4,8 @@ Its inputs are exactly Hugging Face's experts signature (`hidden [T, H]`,
 `top_k_index [T, K]`, `top_k_weights [T, K]`) plus the local expert weights and an explicit
 expert-parallel group. This module holds the plain (unpipelined) path, which every fast
 path is checked against (outputs and every gradient), and routes pipelined configurations
-(`num_partitions > 1` or a restore strategy) to `pipeline.pipelined_experts`.
+(`num_partitions > 1` or a restore strategy) to `pipeline.pipelined_experts`. A config with
+"auto" fields asks the layer's `LayerTuner` (`tuner.py`) for this call's n and strategy.
 
 Shape legend: T tokens, K top-k, H model dim, S dispatched rows, L local experts.
 """
@@ -24,6 +25,7 @@ from lightning_mpipemoe.moe.dispatch import DispatchPlan, check_routing, group_s
 from lightning_mpipemoe.moe.experts import ExpertWeights, expert_ffn
 from lightning_mpipemoe.moe.memory import PipelineRecord
 from lightning_mpipemoe.moe.pipeline import combined_positions, pipelined_experts
+from lightning_mpipemoe.moe.tuner import LayerTuner
 
 __all__ = [
     "RoutingStats",
@@ -109,6 +111,7 @@ def expert_parallel_forward(
     capacity: int | None = None,
     capacity_group_size: int | None = None,
     stats: RoutingStats | None = None,
+    tuner: LayerTuner | None = None,
 ) -> torch.Tensor:
     """Run the experts of one MoE layer over the expert-parallel group; returns `[T, H]`.
 
@@ -116,14 +119,37 @@ def expert_parallel_forward(
     `r*L .. r*L + L-1`). `capacity` (with `capacity_group_size`) drops overflow slots, which
     then contribute zero. `combine_group` may be a second communicator over the same ranks.
     `config.num_partitions > 1` or `config.restore != "none"` takes the pipelined executor
-    (`pipeline.py`); the default (n = 1, no reuse) takes the plain reference path.
+    (`pipeline.py`); n = 1 without reuse takes the plain reference path. "auto" fields are
+    decided per call by `tuner` (the layer's own `LayerTuner`; without one, "auto" is the
+    untuned default, `config.resolved()`); a profiled call returns the real result.
     """
     config = config or ExecutorConfig()
+    sample = None
+    if config.is_auto:
+        if tuner is None:
+            config = config.resolved()
+        else:
+            # Checked before the tuner's collectives: a malformed call must fail on its own
+            # rank, not leave the others waiting in an all-reduce.
+            experts.check()
+            check_routing(hidden_TH, top_k_index_TK, top_k_weights_TK,
+                          experts.num_local_experts * group_size(ep_group), experts.hidden_size)
+            call = tuner.begin(
+                config, top_k_index_TK=top_k_index_TK, experts=experts, dtype=compute_dtype(hidden_TH),
+                device=hidden_TH.device, ep_group=ep_group, capacity=capacity, capacity_group_size=capacity_group_size,
+            )
+            config, sample = call.config, call.sample
     engine = "pipelined" if config.pipelined else "reference"
-    return _execute(
+    if sample is not None:
+        hidden_TH, experts = sample.wrap_inputs(hidden_TH, experts)
+        sample.start()
+    out_TH = _execute(
         hidden_TH, top_k_index_TK, top_k_weights_TK, experts, ep_group=ep_group, combine_group=combine_group,
         config=config, capacity=capacity, capacity_group_size=capacity_group_size, stats=stats, engine=engine,
     )
+    if sample is not None:
+        sample.forward_done(out_TH)
+    return out_TH
 
 
 def reference_expert_parallel_forward(
@@ -140,11 +166,12 @@ def reference_expert_parallel_forward(
     stats: RoutingStats | None = None,
 ) -> torch.Tensor:
     """The plain path for any config: partitions one after another under autograd, no reuse
-    (`config.restore` is ignored; `config.link` applies). The oracle of the pipeline's tests."""
+    (`config.restore` is ignored; `config.link` applies; "auto" is the untuned default). The
+    oracle of the pipeline's tests."""
     return _execute(
         hidden_TH, top_k_index_TK, top_k_weights_TK, experts, ep_group=ep_group, combine_group=combine_group,
-        config=config or ExecutorConfig(), capacity=capacity, capacity_group_size=capacity_group_size, stats=stats,
-        engine="reference",
+        config=(config or ExecutorConfig()).resolved(), capacity=capacity, capacity_group_size=capacity_group_size,
+        stats=stats, engine="reference",
     )
 
 
@@ -163,11 +190,12 @@ def pipelined_expert_parallel_forward(
     record: PipelineRecord | None = None,
 ) -> torch.Tensor:
     """The pipelined executor for any config, n = 1 without reuse included; `record` (a
-    `PipelineRecord`) receives its buffer peaks, host bytes, wire time and schedule trace."""
+    `PipelineRecord`) receives its buffer peaks, host bytes, wire time and schedule trace
+    ("auto" fields take the untuned default)."""
     return _execute(
         hidden_TH, top_k_index_TK, top_k_weights_TK, experts, ep_group=ep_group, combine_group=combine_group,
-        config=config or ExecutorConfig(), capacity=capacity, capacity_group_size=capacity_group_size, stats=stats,
-        engine="pipelined", record=record,
+        config=(config or ExecutorConfig()).resolved(), capacity=capacity, capacity_group_size=capacity_group_size,
+        stats=stats, engine="pipelined", record=record,
     )
 
 

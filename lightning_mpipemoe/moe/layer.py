@@ -11,6 +11,7 @@ from lightning_mpipemoe.groups import MoEProcessGroups, check_parallel_sizes
 from lightning_mpipemoe.moe.executor import RoutingStats, expert_parallel_forward
 from lightning_mpipemoe.moe.experts import ExpertWeights
 from lightning_mpipemoe.moe.router import RouterOutput, SwitchRouter, TopKRouter
+from lightning_mpipemoe.moe.tuner import LayerTuner
 
 __all__ = ["MoELayer"]
 
@@ -67,6 +68,7 @@ class MoELayer(nn.Module):
         self.config = config or ExecutorConfig()
         self.groups = MoEProcessGroups.local()
         self.stats = RoutingStats()
+        self.tuner = LayerTuner()  # turns "auto" n / restore into this layer's choice per call
         width = 2 * intermediate_size if gated else intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, width, hidden_size).normal_(0.0, init_std))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size).normal_(0.0, init_std))
@@ -127,5 +129,17 @@ class MoELayer(nn.Module):
             capacity=routed.capacity,
             capacity_group_size=routed.capacity_group_size,
             stats=self.stats,
+            tuner=self.tuner,
         )
         return out_TH.view_as(hidden), routed.logits_TE
+
+    # The hooks the Lightning strategy reads (lightning_mpipemoe.discovery): the tuner's
+    # decisions go into checkpoints, its choices into the logged metrics.
+    def executor_state_dict(self) -> dict:
+        return self.tuner.state_dict()
+
+    def load_executor_state_dict(self, state: dict) -> None:
+        self.tuner.load_state_dict(state)
+
+    def executor_metrics(self) -> dict[str, float]:
+        return self.tuner.metrics()

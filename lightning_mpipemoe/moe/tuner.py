@@ -1,0 +1,621 @@
+"""Adaptive granularity (DESIGN.md §1.2) and the joint choice of n and restore strategy, per layer.
+
+One `LayerTuner` per MoE layer (owned by the layer or its Hugging Face binding, passed to
+`expert_parallel_forward`) turns `num_partitions="auto"` / `restore="auto"` into a concrete
+(n, restore) for every call. Everything it decides is agreed over the expert-parallel
+group: n changes the collectives of the call, so two ranks that decided differently would
+deadlock in the next all-to-all.
+
+Lookup key. The rows of the busiest rank of the EP group: `max_r max(sent_r, received_r)`
+(top-k copies, after capacity drops). The call's time is the slowest rank's (every
+all-to-all waits for it), and that rank's compute and wire bytes scale with its rows, so
+its rows decide where the pipeline's balance, hence the best n, lies. The published code
+keys on the largest per-(rank, expert) count, which is this key when every rank holds one
+expert (its setting); with L > 1 local experts a rank's GEMMs run over all of its experts'
+rows, so their sum is the right measure. Total tokens ignore routing imbalance and top-k.
+Every rank gets the same key from an all-reduce (sum) of an int64 vector of E + 2P entries
+(per-expert kept counts, and each rank's sent rows and tokens in its own slot): a few
+hundred bytes, latency-bound. It never stalls a call: a call decides by the latest key
+already agreed, while its own load travels in the background (async all-reduce, waited at
+a later call), on every call while a profiling session runs and on every
+`EXCHANGE_EVERY`-th call otherwise (a steady run's load moves slowly, and on a loaded
+2-core gloo machine even a background collective costs ~1% of a step). Only the first call
+waits for its own, and a group of one exchanges nothing.
+
+Lookup: an exact-count cache, then the range table (`RangeTable`): the key axis is cut into
+ranges each mapped to one n, monotone in the key. A miss in a training call starts a
+profiling session; the candidates are the configured ones between the n of the neighbouring
+ranges (monotonicity bounds them), each paired with the restore strategy the cost model
+picks for it under the memory budget (`cost_model.choose_strategy`) — pairs that fit no
+strategy are dropped, which is where the budget and n are chosen jointly.
+
+A session runs the candidates round-robin on real training calls (the result is the real
+result), timing forward and backward of the layer:
+forward by the wall clock around the executor, backward from the arrival of the output's
+gradient (a tensor hook) to the departure of the input's (an identity autograd Function on
+the input). After each round every rank all-reduces (max) that round's per-row times (the
+slowest rank's time is the call's), so every decision below reads identical data on every
+rank; ties go to the smaller n. Decisions are built for a shared, noisy machine:
+candidates are compared round by round (paired: one round's calls ran under the same load),
+each round normalised by its geometric mean and the median taken over rounds, so a load
+change that slows a whole round cancels and one slow call is outvoted. From `min_rounds`
+on, each candidate is compared with the leader by its paired log-ratios (median, and a
+standard error from their median absolute deviation, `profiling.paired_gap`): one
+significantly slower (by two standard errors) than the leader by more than `prune_margin` is
+dropped (step time is convex in n, `max(A, C) + min(A, C) / n + n * overhead`: it does not
+come back; from the second round already if it is slower by `GROSS_MARGIN`), and the
+session ends once every other candidate is significantly slower or
+equivalent within `settle`, at the latest after `max_rounds`. Noise sets the length: a
+quiet machine decides in `min_rounds`, a loaded one measures near-equals longer, which
+costs little since only near-equals remain. The winner's n becomes a new point of the
+range table (inserted, merged with neighbours of the same n). Calls whose key falls
+outside the session's bucket (`tolerance`) look up as usual.
+
+No profiling outside training calls: under no_grad / inference the tuner only looks up
+(misses take the nearest known n, else the smallest candidate) and takes restore `none`
+(nothing is saved for backward, so the budget has nothing to bound). A forward re-run
+inside backward (gradient checkpointing's recomputation; the autograd engine is running a
+graph task then) repeats the decision of the forward it re-runs, recognised on each rank by
+a digest of its routing (identical in the recomputation), so recomputed tensors have the
+same shapes; whether every rank found it rides along with the recomputation's own load
+(then agreed synchronously), and if any did not, all fall back to a lookup.
+
+Persistence: `state_dict()` / `load_state_dict()` (JSON-ready, see `tuning_store`) carry the
+range table and the calibration with a fingerprint of shapes, sizes and hardware; at its
+next call the layer adopts a loaded state only if every rank's fingerprint matches and
+every rank loaded the same state (one all-reduce), else it re-tunes and logs why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from lightning_mpipemoe.config import RESTORE_STRATEGIES, ExecutorConfig, budget_bytes
+from lightning_mpipemoe.moe.cost_model import (
+    Calibration,
+    StrategyChoice,
+    all_reduce,
+    calibrate,
+    choose_strategy,
+    needs_calibration,
+)
+from lightning_mpipemoe.moe.dispatch import group_size
+from lightning_mpipemoe.moe.experts import ExpertWeights
+from lightning_mpipemoe.moe.memory import LayerShape
+from lightning_mpipemoe.moe.profiling import ProfileSample, _Candidate, _Session, paired_gap
+from lightning_mpipemoe.moe.ranges import RangeTable
+from lightning_mpipemoe.moe.tuning_store import FORMAT_VERSION, fingerprint, fingerprint_diff
+
+__all__ = ["LayerTuner", "ProfileSample", "RangeTable", "TunedCall", "agree_load", "kept_counts", "load_of",
+           "load_packet"]
+
+logger = logging.getLogger("lightning_mpipemoe.tuner")
+_NO_BUDGET = 2**62
+
+
+def _in_backward() -> bool:
+    """Whether this forward runs inside a backward pass (checkpointing's recomputation): the
+    autograd engine has a graph task then (both reentrant and non-reentrant checkpointing)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+def _rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def kept_counts(top_k_index_TK: torch.Tensor, num_experts: int, capacity: int | None,
+                capacity_group_size: int | None) -> torch.Tensor:
+    """Slots each expert keeps on this rank (int64 `[E]`, CPU): `plan_dispatch`'s capacity rule
+    (first `capacity` slots per expert in each group of `capacity_group_size` tokens)."""
+    index_S = top_k_index_TK.detach().reshape(-1).cpu()
+    if capacity is None:
+        return torch.bincount(index_S, minlength=num_experts)
+    tokens, top_k = top_k_index_TK.shape
+    group_tokens = capacity_group_size or max(tokens, 1)
+    group_S = torch.arange(index_S.numel()) // top_k // group_tokens
+    num_groups = max(-(-tokens // group_tokens), 1)
+    per_group = torch.bincount(group_S * num_experts + index_S, minlength=num_groups * num_experts)
+    per_group = per_group.view(num_groups, num_experts)
+    return per_group.clamp(max=capacity).sum(0)
+
+
+def load_packet(top_k_index_TK: torch.Tensor, num_experts: int, ep_group: ProcessGroup | None,
+                capacity: int | None = None, capacity_group_size: int | None = None) -> torch.Tensor:
+    """This rank's share of the load vector (int64 `[E + 2P]`): per-expert kept counts, and its
+    sent rows and tokens in its own slots; summed over the EP group it gives `load_of`."""
+    ep_size = group_size(ep_group)
+    counts_E = kept_counts(top_k_index_TK, num_experts, capacity, capacity_group_size)
+    rank = dist.get_rank(ep_group) if ep_size > 1 else 0
+    packet = torch.zeros(num_experts + 2 * ep_size, dtype=torch.int64)
+    packet[:num_experts] = counts_E
+    packet[num_experts + rank] = counts_E.sum()
+    packet[num_experts + ep_size + rank] = top_k_index_TK.shape[0]
+    return packet
+
+
+def load_of(summed: torch.Tensor, num_experts: int, ep_size: int) -> tuple[int, int]:
+    """(key, tokens) from the summed packet: the busiest rank's rows `max_r max(sent, received)`
+    and the most tokens on a rank."""
+    received_R = summed[:num_experts].view(ep_size, -1).sum(1)
+    sent_R = summed[num_experts : num_experts + ep_size]
+    return int(torch.maximum(received_R, sent_R).max()), int(summed[num_experts + ep_size :].max())
+
+
+def agree_load(top_k_index_TK: torch.Tensor, num_experts: int, ep_group: ProcessGroup | None,
+               capacity: int | None = None, capacity_group_size: int | None = None) -> tuple[int, int]:
+    """(key, tokens) identical on every rank, now: one all-reduce (sum) over `ep_group`."""
+    packet = load_packet(top_k_index_TK, num_experts, ep_group, capacity, capacity_group_size)
+    return load_of(all_reduce(packet, ep_group), num_experts, group_size(ep_group))
+
+
+class _LoadExchange:
+    """One call's load packet in an all-reduce (sum), synchronous or in flight; its call's
+    sample learns its key when it completes. `extra` slots ride along (summed too)."""
+
+    def __init__(self, packet: torch.Tensor, group: ProcessGroup | None, num_experts: int, wait: bool,
+                 extra: tuple[int, ...] = ()) -> None:
+        self._num_experts, self._ep_size, self._extra = num_experts, group_size(group), len(extra)
+        self._work, self._key = None, None
+        self.sample: ProfileSample | None = None
+        if extra:
+            packet = torch.cat([packet, torch.tensor(extra, dtype=torch.int64)])
+        if self._ep_size == 1:
+            self._summed = packet
+            return
+        if dist.get_backend(group) == "nccl":
+            packet = packet.to(torch.device("cuda", torch.cuda.current_device()))
+        self._summed = packet
+        self._work = dist.all_reduce(packet, group=group, async_op=not wait)
+        if wait:
+            self._work = None
+
+    def key(self) -> int:
+        if self._key is None:
+            if self._work is not None:
+                self._work.wait()
+                self._work = None
+            self._summed = self._summed.cpu()
+            self._key = load_of(self._summed[: len(self._summed) - self._extra], self._num_experts, self._ep_size)[0]
+        return self._key
+
+    def extra(self) -> list[int]:
+        self.key()
+        return self._summed[len(self._summed) - self._extra :].tolist()
+
+
+def _routing_digest(top_k_index_TK: torch.Tensor) -> tuple:
+    """A cheap fingerprint of a call's routing, to recognise its recomputation (which routes
+    identically) on this rank."""
+    flat = top_k_index_TK.detach().reshape(-1)
+    if not flat.numel():
+        return tuple(top_k_index_TK.shape), 0
+    mult = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) * 2654435761 % 2147483647
+    return tuple(top_k_index_TK.shape), int((flat * mult).sum())
+
+
+@dataclass
+class TunedCall:
+    """What the executor runs for one call: a concrete config, and a sample when profiling."""
+
+    config: ExecutorConfig
+    sample: ProfileSample | None = None
+
+
+class LayerTuner:
+    """The tuner of one MoE layer: granularity ranges, profiling sessions, strategy choice.
+
+    A session that no training call joins for `STALL_CALLS` calls (its token count stopped
+    coming) is closed on what its agreed rounds show, so that another key can be profiled.
+    Outside sessions a call's load is agreed every `EXCHANGE_EVERY` calls (see the module).
+
+    Args:
+        min_rounds / max_rounds: profiling rounds per session (each runs every live candidate
+            once); past `min_rounds` a session ends once the leader is settled.
+        tolerance: relative key distance within which a profiled point answers a lookup and a
+            call joins a running session.
+        prune_margin: from round `min_rounds`, drop a candidate significantly slower than the
+            leader by more than this (see the module docstring).
+        settle: another candidate is settled when significantly slower than the leader, or
+            equivalent to it within this (either is then fine).
+        warmup: unmeasured rounds at the start of a session. None by default: the first call of
+            each n at a new shape pays first touches of its buffer sizes, but that is one
+            round of `min_rounds`, which the medians outvote.
+        name: the layer's name, for log lines.
+    """
+
+    STALL_CALLS = 64
+    EXCHANGE_EVERY = 8
+    GROSS_MARGIN = 0.25
+
+    def __init__(self, *, min_rounds: int = 4, max_rounds: int = 24, tolerance: float = 0.125,
+                 prune_margin: float = 0.05, settle: float = 0.03, warmup: int = 0, name: str = ""):
+        if not 1 <= min_rounds <= max_rounds or tolerance < 0 or prune_margin < 0 or settle < 0 or warmup < 0:
+            raise ValueError(
+                f"need 1 <= min_rounds <= max_rounds and tolerance, prune_margin, settle, warmup >= 0; got "
+                f"{min_rounds}, {max_rounds}, {tolerance}, {prune_margin}, {settle}, {warmup}"
+            )
+        self.min_rounds, self.max_rounds, self.tolerance = min_rounds, max_rounds, tolerance
+        self.prune_margin, self.settle, self.warmup, self.name = prune_margin, settle, warmup, name
+        self._signature = None
+        self._pending: dict | None = None
+        self._lag_key: int | None = None  # the latest agreed load
+        self._inflight: _LoadExchange | None = None  # the latest exchanged load, on its way
+        self._calls = 0
+        self._reset(None)
+
+    def _reset(self, config: ExecutorConfig | None) -> None:
+        self._config = config
+        self._fingerprint: dict | None = None
+        if config is None:
+            candidates = (1,)
+        else:
+            candidates = config.candidates if config.tunes_partitions else (config.num_partitions,)
+        self._table = RangeTable(candidates, self.tolerance)
+        self._calibration: Calibration | None = None
+        self._budget: int | None = None
+        self._session: _Session | None = None
+        self._choices: dict[tuple[int, int], StrategyChoice] = {}
+        self._forwards: OrderedDict[tuple, tuple[int, str]] = OrderedDict()  # routing digest -> decision
+        self._profiles: dict[int, dict[int, float]] = {}  # key -> n -> seconds per call
+        self._last: tuple[int, str, int] | None = None  # (n, restore, key) of the latest call
+        self._logged_restore: str | None = None
+        self._warned_over: set[int] = set()
+        self.profile_calls = 0
+
+    # -- the executor's entry ----------------------------------------------------------------
+    def begin(
+        self,
+        config: ExecutorConfig,
+        *,
+        top_k_index_TK: torch.Tensor,
+        experts: ExpertWeights,
+        dtype: torch.dtype,
+        device: torch.device,
+        ep_group: ProcessGroup | None,
+        capacity: int | None = None,
+        capacity_group_size: int | None = None,
+    ) -> TunedCall:
+        """Decide (n, restore) for this call; collective over `ep_group` unless the config's
+        choice does not depend on the call (then nothing is exchanged)."""
+        if self._static(config):
+            resolved = config.resolved()
+            self._last = (resolved.num_partitions, resolved.restore, 0)
+            return TunedCall(resolved)
+        ep_size = group_size(ep_group)
+        self._setup(config, experts, top_k_index_TK.shape[1], dtype, device, ep_group, ep_size)
+        num_experts = experts.num_local_experts * ep_size
+        self._shape_args = (top_k_index_TK.shape[1], experts, dtype, ep_size, device, ep_group)
+        packet = load_packet(top_k_index_TK, num_experts, ep_group, capacity, capacity_group_size)
+        digest = _routing_digest(top_k_index_TK)
+        self._calls += 1
+        if self._inflight is not None:  # an earlier call's load: long arrived
+            self._complete(self._inflight)
+            self._inflight = None
+        if _in_backward():
+            return self._recompute(config, packet, digest, ep_group, num_experts)
+        mode = "train" if torch.is_grad_enabled() else "infer"
+        # The key this call decides by is the latest agreed load. A call's own load is agreed in
+        # the background (no wait; it keys the calls after it) on every call while a session
+        # runs, else on every EXCHANGE_EVERY-th: the exchange costs a collective's latency and
+        # CPU, and a steady run's load changes slowly. It is agreed now (wait) at the first call.
+        if self._lag_key is None or ep_size == 1:
+            self._lag_key = _LoadExchange(packet, ep_group, num_experts, wait=True).key()
+            exchange = None
+        elif self._session is not None or self._calls % self.EXCHANGE_EVERY == 0:
+            exchange = self._inflight = _LoadExchange(packet, ep_group, num_experts, wait=False)
+        else:
+            exchange = None
+        key = self._lag_key
+        if mode == "train":
+            self._advance_session(ep_group)
+        n, restore, sample = self._decide(key, mode, device)
+        if sample is not None:
+            if exchange is not None:
+                exchange.sample = sample
+            else:  # its own load is the one just agreed
+                sample.key = max(key, 1)
+        self._forwards[digest] = (n, restore)
+        self._forwards.move_to_end(digest)
+        while len(self._forwards) > 64:
+            self._forwards.popitem(last=False)
+        self._last = (n, restore, key)
+        return TunedCall(config.resolved(n, restore), sample)
+
+    def _recompute(self, config, packet, digest, ep_group, num_experts) -> TunedCall:
+        """A forward re-run inside backward: the decision of the forward it repeats (found by
+        its routing on every rank: agreed along with this call's load), else a lookup."""
+        found = self._forwards.get(digest)
+        exchange = _LoadExchange(packet, ep_group, num_experts, wait=True, extra=(int(found is not None),))
+        self._lag_key = key = exchange.key()
+        if found is not None and exchange.extra()[0] == group_size(ep_group):
+            n, restore = found  # every rank found its forward, whose decision was agreed
+        else:
+            n, restore, _ = self._decide(key, "recompute", torch.device("cpu"))
+        self._last = (n, restore, key)
+        return TunedCall(config.resolved(n, restore), None)
+
+    def _complete(self, exchange: _LoadExchange) -> None:
+        """A call's own load is known: it keys the next decisions, and its sample."""
+        self._lag_key = exchange.key()
+        if exchange.sample is not None:
+            exchange.sample.key = max(self._lag_key, 1)
+
+    @staticmethod
+    def _static(config: ExecutorConfig) -> bool:
+        n_fixed = not config.tunes_partitions or len(config.candidates) == 1
+        return n_fixed and (not config.tunes_restore or config.memory_budget is None)
+
+    def _setup(self, config, experts, top_k, dtype, device, ep_group, ep_size) -> None:
+        gated = experts.gated
+        signature = (config, experts.hidden_size, experts.intermediate_size, gated, experts.num_local_experts,
+                     top_k, dtype, ep_size, device.type)
+        if signature == self._signature and self._pending is None:
+            return
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        current = fingerprint(hidden=experts.hidden_size, intermediate=experts.intermediate_size, gated=gated,
+                              local_experts=experts.num_local_experts, top_k=top_k, dtype=dtype, ep_size=ep_size,
+                              world_size=world, device=device, config=config)
+        if self._fingerprint is not None and self._fingerprint != current:
+            self._log(f"re-tuning: {fingerprint_diff(self._fingerprint, current)}")
+        if self._fingerprint != current:
+            self._reset(config)
+        self._signature, self._fingerprint, self._config = signature, current, config
+        # One agreement: the budget in bytes (the smallest device's), and whether every rank
+        # loaded the same state with a matching fingerprint.
+        pending, self._pending = self._pending, None
+        reason = "" if pending is None else fingerprint_diff(pending.get("fingerprint"), current)
+        digest = zlib.crc32(json.dumps(pending, sort_keys=True).encode()) if pending is not None else 0
+        budget = budget_bytes(config.memory_budget, _device_memory(device))
+        packet = torch.tensor([int(pending is not None and not reason), digest, -digest,
+                               _NO_BUDGET if budget is None else budget], dtype=torch.int64)
+        match, low, neg_high, agreed_budget = all_reduce(packet, ep_group, dist.ReduceOp.MIN).tolist()
+        self._budget = None if agreed_budget == _NO_BUDGET else agreed_budget
+        if pending is None:
+            return
+        if match and low == -neg_high:
+            self._table.load(pending.get("points", []))
+            cal = pending.get("calibration")
+            self._calibration = Calibration.from_dict(cal) if cal else None
+            self._profiles = {int(k): {int(n): float(t) for n, t in v.items()}
+                              for k, v in pending.get("profiles", {}).items()}
+            self._log(f"loaded {len(self._table)} tuned points; no re-tuning needed")
+        else:
+            self._log(f"re-tuning, the saved decisions do not apply: {reason or 'ranks loaded different states'}")
+
+    # -- decisions ---------------------------------------------------------------------------
+    def _decide(self, key: int, mode: str, device: torch.device) -> tuple[int, str, ProfileSample | None]:
+        config, table = self._config, self._table
+        if key <= 0:
+            return config.resolved().num_partitions, config.resolved().restore, None
+        if mode == "infer":
+            n = table.lookup(key) or table.nearest(key) or table.candidates[0]
+            return n, (config.restore if not config.tunes_restore else "none"), None
+        session = self._session
+        if mode == "train" and session is None and table.lookup(key) is None:
+            session = self._start_session(key)
+        if mode == "train" and session is not None:
+            if session.queue and self._joins(session, key):
+                session.idle = 0
+                if session.warmup > 0:  # unmeasured: allocations and first touches of each n
+                    session.warmup -= 1
+                    warm = session.candidates[session.order[session.warmup % len(session.order)]]
+                    return warm.n, warm.restore, None
+                index = session.queue.pop(0)
+                candidate = session.candidates[index]
+                sample = ProfileSample(key, index, device)
+                session.local[index] = sample
+                self.profile_calls += 1
+                return candidate.n, candidate.restore, sample
+            session.idle += 1
+            if session.idle > self.STALL_CALLS:  # its key no longer comes: decide on what was agreed
+                self._log(f"{session.key} rows: no call joined the session for {session.idle} calls; closing it")
+                if session.history:
+                    self._finish_session(session)
+                else:
+                    self._session = None
+        n = table.lookup(key) or table.nearest(key) or table.candidates[0]
+        n, choice = self._feasible(n, key)
+        if mode == "train":
+            self._log_strategy(choice)
+        return n, choice.restore, None
+
+    def _joins(self, session: _Session, key: int) -> bool:
+        return abs(math.log(key / session.key)) <= math.log1p(self.tolerance)
+
+    def _shape(self, key: int) -> LayerShape:
+        top_k, experts, dtype, ep_size, _, _ = self._shape_args
+        return LayerShape(tokens=-(-key // top_k), top_k=top_k, hidden=experts.hidden_size,
+                          intermediate=experts.intermediate_size, gated=experts.gated, ep_size=ep_size,
+                          dtype_bytes=torch.empty((), dtype=dtype).element_size())
+
+    def _strategy(self, n: int, key: int) -> StrategyChoice:
+        """The restore strategy at (n, key): `choose_strategy` with this layer's budget."""
+        cached = self._choices.get((n, key))
+        if cached is not None:
+            return cached
+        config = self._config
+        allowed = RESTORE_STRATEGIES if config.tunes_restore else (config.restore,)
+        shape = self._shape(key)
+        if self._calibration is None and needs_calibration(shape, n, self._budget, allowed):
+            self._calibrate(key)
+        choice = choose_strategy(shape, n, self._budget, self._calibration, allowed)
+        if len(self._choices) > 4096:
+            self._choices.clear()
+        self._choices[(n, key)] = choice
+        return choice
+
+    def _calibrate(self, key: int) -> None:
+        top_k, experts, dtype, _, device, ep_group = self._shape_args
+        width = 2 * experts.intermediate_size if experts.gated else experts.intermediate_size
+        rows = min(max(key // 2, 256), 8192)
+        self._calibration = calibrate(hidden=experts.hidden_size, width=width, rows=rows, dtype=dtype, device=device,
+                                      ep_group=ep_group, link=self._config.link)
+        self._log(f"calibrated at {rows} rows: {self._calibration.summary()}")
+
+    def _feasible(self, n: int, key: int) -> tuple[int, StrategyChoice]:
+        """The smallest candidate >= n with a strategy that fits the budget (footprints shrink
+        as n grows); if none fits, the pair with the smallest footprint (warned once)."""
+        candidates = [c for c in self._table.candidates if c >= n] or [n]
+        for c in candidates:
+            choice = self._strategy(c, key)
+            if not choice.over_budget:
+                return c, choice
+        choices = [self._strategy(c, key) for c in self._table.candidates]
+        best = min(choices, key=lambda ch: (ch.footprints[ch.restore], ch.num_partitions))
+        if key not in self._warned_over and _rank_zero():
+            self._warned_over.add(key)
+            logger.warning("moe tuner%s: %s", self._label(), best.explain(self._calibration))
+        return best.num_partitions, best
+
+    def _start_session(self, key: int) -> _Session | None:
+        low, high = self._table.bounds(key)
+        pairs = [self._strategy(n, key) for n in self._table.candidates if low <= n <= high]
+        fits = [ch for ch in pairs if not ch.over_budget]
+        if len(fits) <= 1:  # nothing to compare: the range needs no profiling
+            n = fits[0].num_partitions if fits else self._feasible(low, key)[0]
+            self._table.insert(key, n)
+            return None
+        self._session = _Session(key, [_Candidate(ch.num_partitions, ch.restore) for ch in fits])
+        self._session.start_round()
+        self._session.warmup = self.warmup * len(fits)
+        return self._session
+
+    def _advance_session(self, ep_group: ProcessGroup | None) -> None:
+        """At a training call: once every live candidate ran this round, agree on the round's
+        times (all-reduce max: the slowest rank's is the call's), prune, and finish when the
+        leader is settled (or after `max_rounds`)."""
+        session = self._session
+        if session is None or session.queue:
+            return
+        values = []
+        for index in session.order:
+            sample = session.local.get(index)
+            values.extend(sample.per_row() if sample is not None else (math.inf, math.inf))
+        agreed = all_reduce(torch.tensor(values, dtype=torch.float64), ep_group, dist.ReduceOp.MAX).tolist()
+        session.history.append({index: (agreed[2 * j], agreed[2 * j + 1]) for j, index in enumerate(session.order)})
+        rounds = len(session.history)
+        # Sequential decision on paired log-ratios against the leader: a candidate significantly
+        # (2 standard errors) slower by more than prune_margin goes (before min_rounds only a
+        # gross loser, by GROSS_MARGIN); the session ends when every other candidate is
+        # significantly slower, or equivalent within `settle`, or at max_rounds.
+        z = 2.0
+        leader, *others = session.ranking()
+        margin = self.prune_margin if rounds >= self.min_rounds else self.GROSS_MARGIN
+        open_questions = 0
+        for other in others:
+            gap, se = paired_gap(session.ratios(leader, other))
+            if rounds >= 2 and gap - z * se > math.log1p(margin):
+                session.candidates[other].live = False
+            elif not (gap - z * se > 0 or abs(gap) + z * se <= math.log1p(self.settle)):
+                open_questions += 1
+        live = sum(c.live for c in session.candidates)
+        if live == 1 or rounds >= self.max_rounds or (rounds >= self.min_rounds and open_questions == 0):
+            self._finish_session(session)
+            return
+        session.start_round()
+
+    def _finish_session(self, session: _Session) -> None:
+        best = session.candidates[session.ranking()[0]]
+        n = self._table.insert(session.key, best.n)
+        seconds = {c.n: session.median_seconds(i) for i, c in enumerate(session.candidates)}
+        self._profiles[session.key] = seconds
+        self._session = None
+        timings = ", ".join(
+            f"n={c.n}/{c.restore} {seconds[c.n] * 1e3:.1f}{'*' if c.n == n else ('' if c.live else ' (pruned)')}"
+            for c in session.candidates)
+        self._log(f"{session.key} rows -> n={n}; median ms per call: {timings} ({len(session.history)} rounds)")
+        self._log_strategy(self._strategy(n, session.key))
+
+    # -- reporting ---------------------------------------------------------------------------
+    def _label(self) -> str:
+        return f" [{self.name}]" if self.name else ""
+
+    def _log(self, message: str) -> None:
+        if _rank_zero():
+            logger.info("moe tuner%s: %s", self._label(), message)
+
+    def _log_strategy(self, choice: StrategyChoice) -> None:
+        if self._config.tunes_restore and choice.restore != self._logged_restore:
+            self._logged_restore = choice.restore
+            self._log(choice.explain(self._calibration))
+
+    @property
+    def tuning(self) -> bool:
+        return self._session is not None
+
+    @property
+    def table(self) -> RangeTable:
+        return self._table
+
+    @property
+    def calibration(self) -> Calibration | None:
+        return self._calibration
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return self._budget
+
+    def decision(self, key: int) -> int | None:
+        """The n the ranges give `key` (None on a miss), without counting a lookup."""
+        return self._table._search(key)
+
+    def metrics(self) -> dict[str, float]:
+        """Chosen n and strategy of the latest call, tuning state and the per-candidate times
+        (ms per call) of the latest profiled key; the same on every rank."""
+        out: dict[str, float] = {"tuning": float(self.tuning), "profiled_keys": float(len(self._table)),
+                                 "profile_calls": float(self.profile_calls)}
+        if self._last is not None:
+            n, restore, key = self._last
+            out.update(num_partitions=float(n), restore=float(RESTORE_STRATEGIES.index(restore)), key_rows=float(key))
+        if self._table.lookups:
+            out["cache_hit_rate"] = self._table.hits / self._table.lookups
+        if self._budget is not None:
+            out["memory_budget_mib"] = self._budget / 2**20
+        if self._profiles:
+            latest = max(self._profiles) if self._last is None else min(
+                self._profiles, key=lambda k: abs(math.log(max(self._last[2], 1) / k)))
+            for n, seconds in sorted(self._profiles[latest].items()):
+                out[f"candidate_ms/n{n}"] = seconds * 1e3
+        return out
+
+    def state_dict(self) -> dict:
+        """JSON-ready: fingerprint, range points, calibration, per-candidate times."""
+        if self._pending is not None:
+            return json.loads(json.dumps(self._pending))  # loaded, not yet applied: pass it on unchanged
+        return {
+            "format": FORMAT_VERSION,
+            "fingerprint": self._fingerprint,
+            "points": self._table.state(),
+            "calibration": self._calibration.to_dict() if self._calibration else None,
+            "profiles": {str(k): {str(n): t for n, t in v.items() if math.isfinite(t)}
+                         for k, v in self._profiles.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take a saved state; it is checked against the running layer (and agreed over the EP
+        group) at the next call, and dropped (re-tune) if anything changed."""
+        if not state:
+            return
+        if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or not isinstance(
+            state.get("points"), list
+        ):
+            raise ValueError(f"not a version-{FORMAT_VERSION} LayerTuner state: {str(state)[:200]}")
+        self._pending = json.loads(json.dumps(state))  # a private, JSON-clean copy
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
