@@ -28,7 +28,7 @@ from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 from lightning_mpipemoe.config import ExecutorConfig
 from lightning_mpipemoe.groups import MoEProcessGroups
 from lightning_mpipemoe.moe import ExpertWeights, RoutingStats, expert_parallel_forward
-from lightning_mpipemoe.moe.tuner import LayerTuner
+from lightning_mpipemoe.moe.tuner import LayerTuner, TunerOwner
 
 __all__ = [
     "BINDING_ATTR",
@@ -53,7 +53,7 @@ class UnsupportedExpertsLayout(ValueError):
 
 
 @dataclass
-class ExecutorBinding:
+class ExecutorBinding(TunerOwner):
     """What one experts module runs with: process groups, executor config, routing stats.
 
     `num_experts` is the global expert count; the module's parameters hold experts
@@ -78,17 +78,6 @@ class ExecutorBinding:
         # Process groups are shared handles (and cannot be copied); the copy gets its own stats.
         stats = RoutingStats() if self.stats is not None else None
         return ExecutorBinding(self.num_experts, self.groups, self.config, stats)
-
-    # The hooks the Lightning strategy reads (lightning_mpipemoe.discovery): the tuner's
-    # decisions go into checkpoints, its choices into the logged metrics.
-    def executor_state_dict(self) -> dict:
-        return self.tuner.state_dict()
-
-    def load_executor_state_dict(self, state: dict) -> None:
-        self.tuner.load_state_dict(state)
-
-    def executor_metrics(self) -> dict[str, float]:
-        return self.tuner.metrics()
 
     @property
     def num_local_experts(self) -> int:

@@ -11,12 +11,12 @@ from lightning_mpipemoe.groups import MoEProcessGroups, check_parallel_sizes
 from lightning_mpipemoe.moe.executor import RoutingStats, expert_parallel_forward
 from lightning_mpipemoe.moe.experts import ExpertWeights
 from lightning_mpipemoe.moe.router import RouterOutput, SwitchRouter, TopKRouter
-from lightning_mpipemoe.moe.tuner import LayerTuner
+from lightning_mpipemoe.moe.tuner import LayerTuner, TunerOwner
 
 __all__ = ["MoELayer"]
 
 
-class MoELayer(nn.Module):
+class MoELayer(TunerOwner, nn.Module):
     """Mixture-of-Experts FFN whose experts run expert-parallel (and pipelined) on the executor.
 
     Expert weights use Hugging Face's fused layout: `gate_up_proj [E, 2I, H]` for gated experts
@@ -132,14 +132,3 @@ class MoELayer(nn.Module):
             tuner=self.tuner,
         )
         return out_TH.view_as(hidden), routed.logits_TE
-
-    # The hooks the Lightning strategy reads (lightning_mpipemoe.discovery): the tuner's
-    # decisions go into checkpoints, its choices into the logged metrics.
-    def executor_state_dict(self) -> dict:
-        return self.tuner.state_dict()
-
-    def load_executor_state_dict(self, state: dict) -> None:
-        self.tuner.load_state_dict(state)
-
-    def executor_metrics(self) -> dict[str, float]:
-        return self.tuner.metrics()

@@ -96,8 +96,8 @@ from lightning_mpipemoe.moe.profiling import ProfileSample, _Candidate, _Session
 from lightning_mpipemoe.moe.ranges import RangeTable
 from lightning_mpipemoe.moe.tuning_store import FORMAT_VERSION, fingerprint, fingerprint_diff
 
-__all__ = ["LayerTuner", "ProfileSample", "RangeTable", "TunedCall", "agree_load", "kept_counts", "load_of",
-           "load_packet"]
+__all__ = ["LayerTuner", "ProfileSample", "RangeTable", "TunedCall", "TunerOwner", "agree_load", "kept_counts",
+           "load_of", "load_packet"]
 
 logger = logging.getLogger("lightning_mpipemoe.tuner")
 _NO_BUDGET = 2**62
@@ -619,3 +619,19 @@ def _device_memory(device: torch.device) -> int:
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
+
+class TunerOwner:
+    """Mixin for what owns a layer's `tuner` (the `MoELayer`, a Hugging Face binding): the hooks
+    the Lightning strategy reads (`lightning_mpipemoe.discovery`) — the tuner's decisions go into
+    checkpoints, its choices into the logged metrics."""
+
+    tuner: LayerTuner
+
+    def executor_state_dict(self) -> dict:
+        return self.tuner.state_dict()
+
+    def load_executor_state_dict(self, state: dict) -> None:
+        self.tuner.load_state_dict(state)
+
+    def executor_metrics(self) -> dict[str, float]:
+        return self.tuner.metrics()
