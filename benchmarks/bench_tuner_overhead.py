@@ -10,8 +10,9 @@ in turn, so the tuner's key moves by a few per cent between steps, as routing do
     B  real gloo, no simulated link (overlap cannot pay on 2 cores): auto against n = 1
        (issue 4: auto <= 1.03x n = 1).
 
-Configurations run step by step in turn (one step of each, then the next step), so a shared
-machine's changing load falls on all of them alike; each step is the slowest rank's time
+Configurations run step by step in turn (one step of each, then the next step, the order
+rotating from step to step), so a shared machine's changing load and the first touch of each
+step's batch fall on all of them alike; each step is the slowest rank's time
 after a barrier. A loaded 2-core machine still moves 200-step totals by a few per cent
 (bursts land on some steps, not others), so each part also runs "n=1 again", a copy of
 n = 1 whose ratio to n = 1 is the noise floor of the totals, and prints a paired estimate
@@ -63,8 +64,10 @@ def _run(rank: int, world: int, groups, spec: LayerSpec, configs: dict, steps: i
     tuners = {name: LayerTuner(name=name) if config.is_auto else None for name, config in configs.items()}
     times = {name: [] for name in configs}
     tuning = []  # whether the auto configuration was still profiling after each step
+    names = list(configs)
     for step in range(steps):
-        for name in configs:
+        # The order rotates: the first configuration of a step touches its batch first (cold).
+        for name in names[step % len(names):] + names[: step % len(names)]:
             times[name].append(timed_once(make_step(name, batches[step % BATCHES])))
         tuning.append(tuners["auto"].tuning)
     out = {"times_s": times, "tuning": tuning, "total_s": {name: sum(t) for name, t in times.items()},

@@ -15,8 +15,9 @@ that fit the budget, each with the strategy the cost model picks for it, and tak
 fastest pair. Then, in the same run, every (n, strategy) pair of the candidate n (`none`
 included, marked infeasible) runs `--repeats` interleaved rounds of forward + backward
 (slowest rank, median): the tables show the chosen strategy against all strategies at the
-chosen n, and the chosen pair against every feasible pair.
-Writes benchmarks/results/tuner_strategy.json.
+chosen n, and the chosen pair against every feasible pair, by medians and by the paired measure of
+bench_tuner_granularity.py (each round divided by its geometric mean, then the median: the
+verdict, robust to a shared machine's load). Writes benchmarks/results/tuner_strategy.json.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import logging
 import statistics
 import time
 
-from bench_tuner_granularity import SPEC, _calibrate_links, _layer
+from bench_tuner_granularity import SPEC, _calibrate_links, _layer, paired_relative
 from pipeline_common import LayerSpec, launch, machine_note, route, timed_round_robin, write_json
 
 from lightning_mpipemoe import ExecutorConfig, build_process_groups
@@ -83,12 +84,14 @@ def _bench(rank: int, world: int, tokens: int, repeats: int) -> dict:
         pairs = [(n, s) for n in CANDIDATES for s in RESTORE_STRATEGIES
                  if footprint[(n, s)] <= budget or n == chosen[0]]
         times = timed_round_robin({p: make_step(ExecutorConfig(p[0], p[1], link=link)) for p in pairs}, repeats)
+        relative = paired_relative(times)
         rows = []
         for (n, s), t in times.items():
             rows.append({
                 "n": n, "restore": s, "footprint_mib": footprint[(n, s)] / MIB, "feasible": footprint[(n, s)] <= budget,
                 "predicted_ms": predict_seconds(cal, shape, n, s) * 1e3 if cal is not None else None,
                 "median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
+                "relative": relative[(n, s)],
                 "chosen": (n, s) == chosen,
             })
         out["budgets"][name] = {
@@ -106,36 +109,38 @@ def _print_budget(name: str, result: dict) -> dict:
     print(f"\nbudget {name}: {result['budget_mib']:.2f} MiB -> chosen n={chosen_n}, restore={chosen_s} "
           f"({result['tuning_steps']} tuning steps)")
     at_n = [r for r in result["rows"] if r["n"] == chosen_n]
-    header = f"{'restore':>8} | {'MiB':>6} | {'fits':>4} | {'model ms':>8} | {'measured median [min, max] ms':>29} |"
+    header = (f"{'restore':>8} | {'MiB':>6} | {'fits':>4} | {'model ms':>8} | {'measured median [min, max] ms':>29} | "
+              f"{'paired':>6} |")
     print(f"all strategies at the chosen n={chosen_n}:")
     print(header)
     print("-" * len(header))
     for r in at_n:
         model = f"{r['predicted_ms']:.1f}" if r["predicted_ms"] is not None else "-"
         print(f"{r['restore']:>8} | {r['footprint_mib']:6.2f} | {'yes' if r['feasible'] else 'no':>4} | {model:>8} | "
-              f"{r['median_ms']:9.1f} [{r['min_ms']:7.1f}, {r['max_ms']:7.1f}] | {'<- chosen' if r['chosen'] else ''}")
+              f"{r['median_ms']:9.1f} [{r['min_ms']:7.1f}, {r['max_ms']:7.1f}] | {r['relative']:6.3f} | "
+              f"{'<- chosen' if r['chosen'] else ''}")
     feasible_at_n = [r for r in at_n if r["feasible"]]
-    best_at_n = min(feasible_at_n, key=lambda r: r["median_ms"])
+    best_at_n = min(feasible_at_n, key=lambda r: r["relative"])
     chosen_row = next(r for r in at_n if r["chosen"])
     print("every feasible (n, strategy) pair:")
     feasible = [r for r in result["rows"] if r["feasible"]]
-    for r in sorted(feasible, key=lambda r: r["median_ms"]):
+    for r in sorted(feasible, key=lambda r: r["relative"]):
         model = f"{r['predicted_ms']:.1f}" if r["predicted_ms"] is not None else "-"
         print(f"    n={r['n']} {r['restore']:>4}  {r['footprint_mib']:6.2f} MiB  model {model:>6} ms  measured "
-              f"{r['median_ms']:7.1f} ms{'  <- chosen' if r['chosen'] else ''}")
-    best = min(feasible, key=lambda r: r["median_ms"])
+              f"{r['median_ms']:7.1f} ms (paired {r['relative']:.3f}){'  <- chosen' if r['chosen'] else ''}")
+    best = min(feasible, key=lambda r: r["relative"])
     summary = {
-        "chosen_over_fastest_strategy_at_n": chosen_row["median_ms"] / best_at_n["median_ms"],
+        "chosen_over_fastest_strategy_at_n": chosen_row["relative"] / best_at_n["relative"],
         "fastest_strategy_at_n": best_at_n["restore"],
-        "chosen_over_fastest_feasible_pair": chosen_row["median_ms"] / best["median_ms"],
+        "chosen_over_fastest_feasible_pair": chosen_row["relative"] / best["relative"],
         "fastest_feasible_pair": [best["n"], best["restore"]],
     }
     # What choosing the strategy first would give: the model's pick at the largest n (where the
     # most strategies fit), then the fastest n at which that strategy fits.
     largest = max(r["n"] for r in feasible)
     first = min((r for r in feasible if r["n"] == largest), key=lambda r: r["predicted_ms"] or 0.0)["restore"]
-    sequential = min((r for r in feasible if r["restore"] == first), key=lambda r: r["median_ms"])
-    summary["strategy_first"] = [sequential["n"], first, sequential["median_ms"] / chosen_row["median_ms"]]
+    sequential = min((r for r in feasible if r["restore"] == first), key=lambda r: r["relative"])
+    summary["strategy_first"] = [sequential["n"], first, sequential["relative"] / chosen_row["relative"]]
     print(f"strategy first (model's pick at n={largest}: {first}, then the best n where it fits: n={sequential['n']}) "
           f"measures {sequential['median_ms']:.1f} ms, {summary['strategy_first'][2]:.2f}x the joint choice")
     print(f"chosen / fastest feasible strategy at n={chosen_n} ({best_at_n['restore']}): "
@@ -147,7 +152,7 @@ def _print_budget(name: str, result: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     started, load_before = time.perf_counter(), machine_note()["loadavg"]
     result = launch(_bench, 2, args.tokens, args.repeats)

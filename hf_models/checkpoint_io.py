@@ -198,6 +198,21 @@ def _single_source(target: str, sources: dict) -> str:
     return keys[0]
 
 
+def _apply_conversion(converter, collected: dict, target: str, model) -> torch.Tensor:
+    """Run a transformers checkpoint conversion over the tensors read for `target`: its one result."""
+    for op in converter.operations:
+        collected = op.convert(
+            collected,
+            source_patterns=converter.source_patterns,
+            target_patterns=converter.target_patterns,
+            full_layer_name=target,
+            model=model,
+            config=model.config,
+        )
+    (tensor,) = collected.values()
+    return tensor
+
+
 def _read_expert_target(target, converter, sources, reader: _Reader, num_experts: int, rows, model) -> torch.Tensor:
     start, end = rows
     if converter is None:  # fused `[E, ...]` tensor: read this rank's rows only
@@ -220,17 +235,7 @@ def _read_expert_target(target, converter, sources, reader: _Reader, num_experts
                 f"checkpoint holds experts {indices} for {target!r} ({pattern}); expected 0..{num_experts - 1}"
             )
         collected[pattern] = [reader.read(key, expert=True) for index, key in entries if start <= index < end]
-    for op in converter.operations:
-        collected = op.convert(
-            collected,
-            source_patterns=converter.source_patterns,
-            target_patterns=converter.target_patterns,
-            full_layer_name=target,
-            model=model,
-            config=model.config,
-        )
-    (tensor,) = collected.values()
-    return tensor
+    return _apply_conversion(converter, collected, target, model)
 
 
 def _read_full_target(target, converter, sources, reader: _Reader, model) -> torch.Tensor:
@@ -241,17 +246,7 @@ def _read_full_target(target, converter, sources, reader: _Reader, model) -> tor
         if pattern in sources:
             entries = sorted(sources[pattern], key=lambda item: -1 if item[0] is None else item[0])
             collected[pattern] = [reader.read(key) for _, key in entries]
-    for op in converter.operations:
-        collected = op.convert(
-            collected,
-            source_patterns=converter.source_patterns,
-            target_patterns=converter.target_patterns,
-            full_layer_name=target,
-            model=model,
-            config=model.config,
-        )
-    (tensor,) = collected.values()
-    return tensor
+    return _apply_conversion(converter, collected, target, model)
 
 
 def load_sharded(

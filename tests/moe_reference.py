@@ -58,3 +58,17 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 
     scale = expected.abs().max().clamp_min(1e-12)
     err = (actual - expected).abs().max()
     assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:g} x max|expected| {scale:.3e}"
+
+
+def random_expert_weights(num_experts: int, hidden: int, inter: int, gated: bool, bias: bool, seed: int) -> dict:
+    """HF fused-layout expert weights (and biases) at a scale that keeps activations O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = 2 * inter if gated else inter
+    weights = {
+        "w_in_EOH": torch.randn(num_experts, width, hidden, generator=gen) / hidden**0.5,
+        "w_out_EHI": torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5,
+    }
+    if bias:
+        weights["b_in_EO"] = torch.randn(num_experts, width, generator=gen) * 0.1
+        weights["b_out_EH"] = torch.randn(num_experts, hidden, generator=gen) * 0.1
+    return weights

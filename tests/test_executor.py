@@ -15,22 +15,13 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 from lightning_mpipemoe import ExpertWeights, build_process_groups, expert_parallel_forward
 from lightning_mpipemoe.groups import check_parallel_sizes
 from tests.dist_utils import run_distributed
-from tests.moe_reference import assert_rel_close, keep_mask_reference, moe_reference
+from tests.moe_reference import assert_rel_close, keep_mask_reference, moe_reference, random_expert_weights
 
 H, I = 12, 20
 
 
 def make_weights(num_experts: int, gated: bool, bias: bool, seed: int = 0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    width = 2 * I if gated else I
-    weights = {
-        "w_in_EOH": torch.randn(num_experts, width, H, generator=gen) / H**0.5,
-        "w_out_EHI": torch.randn(num_experts, H, I, generator=gen) / I**0.5,
-    }
-    if bias:
-        weights["b_in_EO"] = torch.randn(num_experts, width, generator=gen) * 0.1
-        weights["b_out_EH"] = torch.randn(num_experts, H, generator=gen) * 0.1
-    return weights
+    return random_expert_weights(num_experts, H, I, gated, bias, seed)
 
 
 def make_tokens(num_tokens: int, num_experts: int, top_k: int, seed: int, route: str) -> tuple:

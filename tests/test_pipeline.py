@@ -26,6 +26,7 @@ from lightning_mpipemoe.moe.executor import (
 )
 from lightning_mpipemoe.moe.memory import LayerShape, PipelineRecord, analytic_memory, measure_call
 from tests.dist_utils import run_distributed
+from tests.moe_reference import random_expert_weights
 
 PARTITIONS = (1, 2, 3, 4, 8)
 H, I = 12, 10
@@ -51,16 +52,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: f
 
 
 def make_weights(num_experts: int, gated: bool, bias: bool) -> dict:
-    gen = torch.Generator().manual_seed(7)
-    width = 2 * I if gated else I
-    weights = {
-        "w_in_EOH": torch.randn(num_experts, width, H, generator=gen) / H**0.5,
-        "w_out_EHI": torch.randn(num_experts, H, I, generator=gen) / I**0.5,
-    }
-    if bias:
-        weights["b_in_EO"] = torch.randn(num_experts, width, generator=gen) * 0.1
-        weights["b_out_EH"] = torch.randn(num_experts, H, generator=gen) * 0.1
-    return weights
+    return random_expert_weights(num_experts, H, I, gated, bias, seed=7)
 
 
 def make_tokens(num_tokens: int, num_experts: int, top_k: int, route: str, seed: int) -> tuple:

@@ -21,6 +21,7 @@ from lightning_mpipemoe.config import RESTORE_STRATEGIES, budget_bytes
 from lightning_mpipemoe.moe import tuner as tuner_module
 from lightning_mpipemoe.moe.cost_model import (
     Calibration,
+    StrategyChoice,
     choose_strategy,
     footprint_bytes,
     needs_calibration,
@@ -141,9 +142,13 @@ def test_ranges_insert_merge_and_monotone_bounds():
     table.insert(16000, 8)  # largest candidate: its range extends to infinity
     assert table.lookup(10**9) == 8 and table.lookup(8000) is None
     assert table.bounds(8000) == (2, 8)
-    assert table.insert(8000, 1) == 2  # clamped: n cannot drop below the left neighbour's
+    table.insert(8000, 2)  # agrees with its neighbours: nothing to repair
+    assert table.points == [(1000, 2), (4000, 2), (8000, 2), (16000, 8)]
+    table.insert(6000, 1)  # newer, and the best n never grows as the load shrinks: left points repaired
+    assert table.points == [(1000, 1), (4000, 1), (6000, 1), (8000, 2), (16000, 8)]
+    table.insert(12000, 4)
     table.insert(200, 1)  # smallest candidate: extends to zero
-    assert table.lookup(3) == 1
+    assert table.lookup(3) == 1 and table.lookup(900) == 1 and table.lookup(7000) is None
     ranges = table.ranges()
     assert ranges[0][0] == 0.0 and ranges[-1][1] == math.inf
     assert [r[2] for r in ranges] == sorted(r[2] for r in ranges)
@@ -329,6 +334,49 @@ def test_budget_constrains_the_joint_choice():
     assert tuner.calibration is not None and tuner.budget_bytes == budget
     assert all(restore != "none" and sizes[(n, restore)] <= budget for n, restore, _, _ in tuner.calls)
     assert tuner.table.points[0][0] == key
+
+
+class NearTieTuner(RecordingTuner):
+    """A cost model that cannot separate s3 (its pick) from s1 (1% apart) but clearly ranks s2,
+    s4 behind (30%); `none` is over the budget."""
+
+    def _modelled(self, n, key):
+        predicted = {"s1": 1.01 / n, "s2": 1.3 / n, "s3": 1.0 / n, "s4": 1.3 / n}
+        footprints = {"none": 100, "s1": 10, "s2": 10, "s3": 10, "s4": 10}
+        return StrategyChoice("s3", n, key, 50, footprints, predicted, over_budget=False)
+
+
+def test_strategies_the_model_cannot_separate_are_measured(monkeypatch):
+    measured_ms = {(2, "s1"): 3.0, (2, "s3"): 3.3, (4, "s1"): 1.0, (4, "s3"): 1.2}  # s1 really is faster
+
+    def per_row(self):
+        candidate = tuner._session.candidates[self.candidate]
+        return measured_ms[(candidate.n, candidate.restore)], 0.0
+
+    monkeypatch.setattr(tuner_module.ProfileSample, "per_row", per_row)
+    experts, tuner = make_experts(E), NearTieTuner()
+    config = ExecutorConfig(candidates=(2, 4), memory_budget=50)
+    for step in range(16):
+        batch = make_batch(40, E, seed=step)
+        actual = fwd_bwd(expert_parallel_forward, batch, experts, config=config, tuner=tuner)
+        for a, e in zip(actual, fwd_bwd(reference_expert_parallel_forward, batch, experts)):
+            assert_close(a, e, f"step {step}")
+    profiled = {(n, restore) for n, restore, profiled, _ in tuner.calls if profiled}
+    assert profiled == set(measured_ms)  # s2 and s4 are never run: the model rules them out
+    assert not tuner.tuning and tuner.table.points == [(80, 4)]
+    assert tuner.calls[-1][:3] == (4, "s1", False)  # the measured winner, not the model's pick
+    choice = tuner._strategy(4, 80)
+    assert choice.restore == "s1" and choice.measured and "measured s1 faster" in choice.explain()
+    assert tuner._strategy(2, 80).restore == "s3"  # only measured at n=4's winning point
+    metrics = tuner.metrics()
+    assert metrics["candidate_ms/n4"] == pytest.approx(1.2 * 80 * 1e3)
+    assert metrics["candidate_ms/n4_s1"] == pytest.approx(1.0 * 80 * 1e3)
+    assert metrics["restore"] == RESTORE_STRATEGIES.index("s1")
+
+    resumed = NearTieTuner()  # the measured strategy is part of the saved decisions
+    resumed.load_state_dict(json.loads(json.dumps(tuner.state_dict())))
+    fwd_bwd(expert_parallel_forward, make_batch(40, E, seed=0), experts, config=config, tuner=resumed)
+    assert resumed.profile_calls == 0 and resumed.calls[-1][:2] == (4, "s1")
 
 
 # -- persistence ---------------------------------------------------------------------------------

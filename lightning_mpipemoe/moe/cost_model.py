@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from lightning_mpipemoe import kernels
 from lightning_mpipemoe.config import RESTORE_STRATEGIES, SimulatedLink
 from lightning_mpipemoe.moe.comm import Lanes, LinkClock, start_all_to_all, wire_bytes
 from lightning_mpipemoe.moe.dispatch import group_size
@@ -147,6 +148,7 @@ class StrategyChoice:
     footprints: dict
     predicted_s: dict  # empty when no prediction was needed
     over_budget: bool  # nothing fits: the smallest footprint was taken
+    measured: bool = False  # a profiling session measured `restore` faster than the model's near-equal pick
 
     @property
     def feasible(self) -> list[str]:
@@ -169,6 +171,8 @@ class StrategyChoice:
         if self.predicted_s:
             ranked = sorted(self.predicted_s.items(), key=lambda kv: (kv[1], RESTORE_STRATEGIES.index(kv[0])))
             line += "; predicted fwd+bwd " + " < ".join(f"{s} {t * 1e3:.1f} ms" for s, t in ranked)
+        if self.measured:
+            line += f"; the model cannot separate {self.restore} from its pick within its error, measured {self.restore} faster"
         if calibration is not None:
             line += f"; calibrated {calibration.summary()}"
         return line
@@ -261,14 +265,17 @@ def calibrate(
     device: torch.device,
     ep_group: ProcessGroup | None,
     link: SimulatedLink | None,
+    local_experts: int = 1,
     repeats: int = 7,
 ) -> Calibration:
     """Measure W_comp, W_comm (+ latency), W_mem and the two overlaps at one micro-batch of
     `rows` rows (collective over `ep_group`: every rank calls it at the same point).
 
-    The GEMM is GEMM1's shape (`[rows, hidden] x [hidden, width]`); the all-to-all moves
+    The GEMM is GEMM1's, grouped over `local_experts` equal segments as the layer runs it
+    (`[rows, hidden] x [L, width, hidden]`); the all-to-all moves
     `rows` rows evenly, and rows / 8 to separate latency from bandwidth; the copy goes to
-    host memory and back (pinned on CUDA, on the copy lane). The overlaps time GEMMs with an
+    host memory and back into fresh buffers, as the host store does (pinned on CUDA, on the
+    copy lane). The overlaps time GEMMs with an
     all-to-all / copies in flight, repeated so that both sides take about as long (the
     overlap of a side much shorter than the other drowns in noise). Each time is the best of
     `repeats` interleaved rounds (`_best_seconds`), then the slowest rank's (all-reduce max,
@@ -279,27 +286,28 @@ def calibrate(
     rows = max(ep_size * 8, rows - rows % max(ep_size * 8, 1))
     gen = torch.Generator().manual_seed(0)
     x_SM = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype)
-    w_MO = torch.randn(hidden, width, generator=gen).to(device=device, dtype=dtype)
-    y_SO = x_SM @ w_MO
+    w_LOM = torch.randn(local_experts, width, hidden, generator=gen).to(device=device, dtype=dtype)
+    ends_L = torch.tensor([(e + 1) * rows // local_experts for e in range(local_experts)], device=device)
+    y_SO = kernels.grouped_mm(x_SM, w_LOM, ends_L)
     cuda = device.type == "cuda"
     host_SO = torch.empty(y_SO.shape, dtype=dtype, pin_memory=cuda)
     lanes = Lanes(device)
 
-    def gemm():
-        torch.matmul(x_SM, w_MO, out=y_SO)
+    def gemm():  # as the layer runs it: grouped over this rank's experts
+        kernels.grouped_mm(x_SM, w_LOM, ends_L)
 
-    def to_host():
-        host_SO.copy_(y_SO, non_blocking=cuda)
+    def to_host():  # into a fresh host buffer, as the host store allocates one per call
+        torch.empty(y_SO.shape, dtype=dtype, pin_memory=cuda).copy_(y_SO, non_blocking=cuda)
 
-    def to_device():
-        y_SO.copy_(host_SO, non_blocking=cuda)
+    def to_device():  # into a fresh device buffer, as a fetch does
+        torch.empty_like(y_SO).copy_(host_SO, non_blocking=cuda)
 
     def a2a(num_rows: int):
         splits = [num_rows // ep_size] * ep_size
         clock = LinkClock(link) if link is not None else None
         return start_all_to_all(x_SM[: sum(splits)], splits, splits, ep_group, lanes=lanes, clock=clock)
 
-    src_SO = y_SO.clone()  # the GEMM writes y_SO meanwhile
+    src_SO = y_SO
 
     def gemms(k: int):
         for _ in range(k):

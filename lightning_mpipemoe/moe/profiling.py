@@ -157,6 +157,26 @@ class _Session:
                 normalised[i].append(h[i][column] / math.exp(mean_log))
         return {i: statistics.median(v) for i, v in normalised.items()}
 
+    def pair_se(self) -> float:
+        """Standard error of a paired log-ratio from the noise of all live candidates pooled:
+        steadier than one pair's own spread when rounds are few (4 samples can look quiet by
+        chance). sigma from the median absolute deviation of every round-normalised log time
+        from its candidate's median; a pair's difference has twice the variance."""
+        members = self.live
+        rounds, column = self._rounds(members)
+        if len(rounds) < 2 or len(members) < 2:
+            return math.inf
+        deviations = []
+        for i in members:
+            logs = []
+            for h in rounds:
+                mean_log = statistics.fmean(math.log(max(h[j][column], 1e-30)) for j in members)
+                logs.append(math.log(max(h[i][column], 1e-30)) - mean_log)
+            middle = statistics.median(logs)
+            deviations.extend(abs(x - middle) for x in logs)
+        sigma = 1.4826 * statistics.median(deviations)
+        return 1.2533 * sigma * math.sqrt(2.0 / len(rounds))
+
     def ratios(self, leader: int, other: int) -> list[float]:
         """other's time / leader's, round by round (paired: same round, same load)."""
         rounds, column = self._rounds([leader, other])

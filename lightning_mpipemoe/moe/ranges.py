@@ -4,7 +4,9 @@ DESIGN.md §1.2: the best n never decreases as the load grows (pipelining pays m
 more there is to overlap, and per-partition overheads weigh less), so profiled points
 (key, n) imply ranges: consecutive points with the same n cover everything between them,
 and between points of different n the best n lies between theirs. That is what makes the
-table small (one range per n) and what bounds the candidates a miss has to profile.
+table small (one range per n) and what bounds the candidates a miss has to profile (the
+tuner also tries one candidate beyond each bound, so that a point measured wrong by noise
+gets repaired by its neighbours' sessions instead of constraining them).
 
 Keys are row counts (see `tuner.agree_load`); a point also answers keys within a factor
 `1 + tolerance` of it, so the drift of routing between steps does not re-profile.
@@ -78,7 +80,7 @@ class RangeTable:
         return None
 
     def bounds(self, key: int) -> tuple[int, int]:
-        """Smallest and largest n that monotonicity allows at `key`."""
+        """Smallest and largest n that monotonicity allows at `key` (given the points)."""
         i = bisect.bisect_left(self._keys, key)
         low = self._ns[i - 1] if i > 0 else self.candidates[0]
         high = self._ns[i] if i < len(self._keys) else self.candidates[-1]
@@ -91,17 +93,19 @@ class RangeTable:
         return min(zip(self._keys, self._ns), key=lambda p: (abs(math.log(max(key, 1) / p[0])), p[0]))[1]
 
     def insert(self, key: int, n: int) -> int:
-        """Add the point (key, n), clamped into the neighbours' bounds so that n stays monotone
-        (a loaded or noisy point cannot break it); replaces a point at the same key."""
+        """Add the point (key, n) (replacing one at the same key) and keep n monotone by
+        repairing the others: the newest measurement says the best n is at most n below `key`
+        and at least n above it, so points that contradict it take n. (A tuner profiles at most
+        one candidate beyond its neighbours' n, so one repair moves a point by one candidate.)"""
         if key <= 0:
             raise ValueError(f"range keys are positive row counts, got {key}")
         i = bisect.bisect_left(self._keys, key)
         if i < len(self._keys) and self._keys[i] == key:
             del self._keys[i], self._ns[i]
-        low, high = self.bounds(key)
-        n = min(max(n, low), high)
         self._keys.insert(i, key)
         self._ns.insert(i, n)
+        self._ns[:i] = [min(m, n) for m in self._ns[:i]]
+        self._ns[i + 1 :] = [max(m, n) for m in self._ns[i + 1 :]]
         self._cache.clear()
         return n
 

@@ -25,9 +25,13 @@ waits for its own, and a group of one exchanges nothing.
 Lookup: an exact-count cache, then the range table (`RangeTable`): the key axis is cut into
 ranges each mapped to one n, monotone in the key. A miss in a training call starts a
 profiling session; the candidates are the configured ones between the n of the neighbouring
-ranges (monotonicity bounds them), each paired with the restore strategy the cost model
-picks for it under the memory budget (`cost_model.choose_strategy`) — pairs that fit no
-strategy are dropped, which is where the budget and n are chosen jointly.
+ranges (monotonicity bounds them), and one beyond each side (so that a neighbour decided
+wrong by noise gets repaired rather than fencing the truth out), each paired with the
+restore strategy the cost model picks for it under the memory budget (`cost_model.choose_strategy`) — pairs that fit no
+strategy are dropped, which is where the budget and n are chosen jointly. Strategies the
+model ranks within `MODEL_MARGIN` of its pick are profiled beside it (a calibration of a few
+short measurements cannot separate them); the one measured fastest at the winning n is kept
+for that point and its neighbourhood while the model still cannot tell them apart there.
 
 A session runs the candidates round-robin on real training calls (the result is the real
 result), timing forward and backward of the layer:
@@ -40,14 +44,15 @@ candidates are compared round by round (paired: one round's calls ran under the 
 each round normalised by its geometric mean and the median taken over rounds, so a load
 change that slows a whole round cancels and one slow call is outvoted. From `min_rounds`
 on, each candidate is compared with the leader by its paired log-ratios (median, and a
-standard error from their median absolute deviation, `profiling.paired_gap`): one
-significantly slower (by two standard errors) than the leader by more than `prune_margin` is
-dropped (step time is convex in n, `max(A, C) + min(A, C) / n + n * overhead`: it does not
-come back; from the second round already if it is slower by `GROSS_MARGIN`), and the
-session ends once every other candidate is significantly slower or
-equivalent within `settle`, at the latest after `max_rounds`. Noise sets the length: a
-quiet machine decides in `min_rounds`, a loaded one measures near-equals longer, which
-costs little since only near-equals remain. The winner's n becomes a new point of the
+standard error from their median absolute deviation: `profiling.paired_gap`). One
+significantly slower (by two standard errors) than the leader by more than `prune_margin`
+is dropped (from the second round already if slower by `GROSS_MARGIN`): step time is
+convex in n, `max(A, C) + min(A, C) / n + n * overhead`, so it does not come back. The
+session ends once no other candidate can be faster than the leader by more than `settle`
+(two standard errors, the pair's own or the pooled noise of all candidates,
+`_Session.pair_se`, whichever is larger), at the latest after `max_rounds`. Noise sets the
+length: a quiet machine decides in `min_rounds`, a loaded one measures near-equals longer,
+which costs little since only near-equals remain. The winner's n becomes a new point of the
 range table (inserted, merged with neighbours of the same n). Calls whose key falls
 outside the session's bucket (`tolerance`) look up as usual.
 
@@ -74,7 +79,7 @@ import math
 import os
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -226,8 +231,8 @@ class LayerTuner:
             call joins a running session.
         prune_margin: from round `min_rounds`, drop a candidate significantly slower than the
             leader by more than this (see the module docstring).
-        settle: another candidate is settled when significantly slower than the leader, or
-            equivalent to it within this (either is then fine).
+        settle: the session ends when no other candidate can be faster than the leader by more
+            than this (with two standard errors' confidence).
         warmup: unmeasured rounds at the start of a session. None by default: the first call of
             each n at a new shape pays first touches of its buffer sizes, but that is one
             round of `min_rounds`, which the medians outvote.
@@ -237,9 +242,12 @@ class LayerTuner:
     STALL_CALLS = 64
     EXCHANGE_EVERY = 8
     GROSS_MARGIN = 0.25
+    # Strategies the cost model ranks within this of its pick are too close for the model (its
+    # calibration is a few short measurements): a session measures them too.
+    MODEL_MARGIN = 0.05
 
     def __init__(self, *, min_rounds: int = 4, max_rounds: int = 24, tolerance: float = 0.125,
-                 prune_margin: float = 0.05, settle: float = 0.03, warmup: int = 0, name: str = ""):
+                 prune_margin: float = 0.05, settle: float = 0.04, warmup: int = 0, name: str = ""):
         if not 1 <= min_rounds <= max_rounds or tolerance < 0 or prune_margin < 0 or settle < 0 or warmup < 0:
             raise ValueError(
                 f"need 1 <= min_rounds <= max_rounds and tolerance, prune_margin, settle, warmup >= 0; got "
@@ -267,7 +275,8 @@ class LayerTuner:
         self._session: _Session | None = None
         self._choices: dict[tuple[int, int], StrategyChoice] = {}
         self._forwards: OrderedDict[tuple, tuple[int, str]] = OrderedDict()  # routing digest -> decision
-        self._profiles: dict[int, dict[int, float]] = {}  # key -> n -> seconds per call
+        self._profiles: dict[int, dict[str, float]] = {}  # key -> candidate label -> seconds per call
+        self._measured: dict[int, tuple[int, str]] = {}  # key -> (n, restore) a session measured fastest
         self._last: tuple[int, str, int] | None = None  # (n, restore, key) of the latest call
         self._logged_restore: str | None = None
         self._warned_over: set[int] = set()
@@ -387,8 +396,9 @@ class LayerTuner:
             self._table.load(pending.get("points", []))
             cal = pending.get("calibration")
             self._calibration = Calibration.from_dict(cal) if cal else None
-            self._profiles = {int(k): {int(n): float(t) for n, t in v.items()}
+            self._profiles = {int(k): {str(label): float(t) for label, t in v.items()}
                               for k, v in pending.get("profiles", {}).items()}
+            self._measured = {int(k): (int(n), str(restore)) for k, (n, restore) in pending.get("measured", {}).items()}
             self._log(f"loaded {len(self._table)} tuned points; no re-tuning needed")
         else:
             self._log(f"re-tuning, the saved decisions do not apply: {reason or 'ranks loaded different states'}")
@@ -440,7 +450,28 @@ class LayerTuner:
                           dtype_bytes=torch.empty((), dtype=dtype).element_size())
 
     def _strategy(self, n: int, key: int) -> StrategyChoice:
-        """The restore strategy at (n, key): `choose_strategy` with this layer's budget."""
+        """The restore strategy at (n, key): the cost model's pick (`_modelled`), unless a
+        session measured another one faster at this n near `key` and the model cannot tell
+        the two apart here (within `MODEL_MARGIN`) and it fits the budget."""
+        choice = self._modelled(n, key)
+        near = [(abs(math.log(key / k)), restore) for k, (m, restore) in self._measured.items() if m == n]
+        if not near or choice.over_budget:
+            return choice
+        _, restore = min(near)
+        if restore != choice.restore and restore in self._close_to_pick(choice):
+            return replace(choice, restore=restore, measured=True)
+        return choice
+
+    def _close_to_pick(self, choice: StrategyChoice) -> list[str]:
+        """The feasible strategies the model ranks within `MODEL_MARGIN` of its pick (the pick first)."""
+        predicted = choice.predicted_s
+        if choice.restore not in predicted:
+            return [choice.restore]
+        limit = predicted[choice.restore] * (1 + self.MODEL_MARGIN)
+        return [choice.restore] + [s for s in choice.feasible if s != choice.restore and predicted.get(s, math.inf) <= limit]
+
+    def _modelled(self, n: int, key: int) -> StrategyChoice:
+        """`choose_strategy` at (n, key) with this layer's budget (cached)."""
         cached = self._choices.get((n, key))
         if cached is not None:
             return cached
@@ -460,7 +491,8 @@ class LayerTuner:
         width = 2 * experts.intermediate_size if experts.gated else experts.intermediate_size
         rows = min(max(key // 2, 256), 8192)
         self._calibration = calibrate(hidden=experts.hidden_size, width=width, rows=rows, dtype=dtype, device=device,
-                                      ep_group=ep_group, link=self._config.link)
+                                      ep_group=ep_group, link=self._config.link,
+                                      local_experts=experts.num_local_experts)
         self._log(f"calibrated at {rows} rows: {self._calibration.summary()}")
 
     def _feasible(self, n: int, key: int) -> tuple[int, StrategyChoice]:
@@ -479,14 +511,20 @@ class LayerTuner:
         return best.num_partitions, best
 
     def _start_session(self, key: int) -> _Session | None:
+        # The candidates monotonicity allows, and one beyond each side: a neighbour measured
+        # wrong by noise must not fence the truth out (RangeTable.insert repairs it).
         low, high = self._table.bounds(key)
-        pairs = [self._strategy(n, key) for n in self._table.candidates if low <= n <= high]
-        fits = [ch for ch in pairs if not ch.over_budget]
+        candidates = list(self._table.candidates)
+        first = max(0, candidates.index(low) - 1) if low in candidates else 0
+        last = min(len(candidates) - 1, candidates.index(high) + 1) if high in candidates else len(candidates) - 1
+        # Each n with the model's strategy, and with those the model cannot tell from it.
+        choices = [self._modelled(n, key) for n in candidates[first : last + 1]]
+        fits = [_Candidate(ch.num_partitions, s) for ch in choices if not ch.over_budget for s in self._close_to_pick(ch)]
         if len(fits) <= 1:  # nothing to compare: the range needs no profiling
-            n = fits[0].num_partitions if fits else self._feasible(low, key)[0]
+            n = fits[0].n if fits else self._feasible(low, key)[0]
             self._table.insert(key, n)
             return None
-        self._session = _Session(key, [_Candidate(ch.num_partitions, ch.restore) for ch in fits])
+        self._session = _Session(key, fits)
         self._session.start_round()
         self._session.warmup = self.warmup * len(fits)
         return self._session
@@ -507,18 +545,20 @@ class LayerTuner:
         rounds = len(session.history)
         # Sequential decision on paired log-ratios against the leader: a candidate significantly
         # (2 standard errors) slower by more than prune_margin goes (before min_rounds only a
-        # gross loser, by GROSS_MARGIN); the session ends when every other candidate is
-        # significantly slower, or equivalent within `settle`, or at max_rounds.
+        # gross loser, by GROSS_MARGIN); the session ends when no other candidate can be more
+        # than `settle` faster than the leader (2 standard errors, its own or the pooled noise,
+        # whichever is larger), or at max_rounds.
         z = 2.0
         leader, *others = session.ranking()
         margin = self.prune_margin if rounds >= self.min_rounds else self.GROSS_MARGIN
         open_questions = 0
+        pooled_se = session.pair_se()
         for other in others:
             gap, se = paired_gap(session.ratios(leader, other))
             if rounds >= 2 and gap - z * se > math.log1p(margin):
                 session.candidates[other].live = False
-            elif not (gap - z * se > 0 or abs(gap) + z * se <= math.log1p(self.settle)):
-                open_questions += 1
+            elif z * max(se, pooled_se) - gap > math.log1p(self.settle):
+                open_questions += 1  # it might still be more than `settle` faster than the leader
         live = sum(c.live for c in session.candidates)
         if live == 1 or rounds >= self.max_rounds or (rounds >= self.min_rounds and open_questions == 0):
             self._finish_session(session)
@@ -528,14 +568,22 @@ class LayerTuner:
     def _finish_session(self, session: _Session) -> None:
         best = session.candidates[session.ranking()[0]]
         n = self._table.insert(session.key, best.n)
-        seconds = {c.n: session.median_seconds(i) for i, c in enumerate(session.candidates)}
-        self._profiles[session.key] = seconds
+        if best.n == n and sum(c.n == n for c in session.candidates) > 1:
+            self._measured[session.key] = (n, best.restore)  # strategies were measured at n: keep the fastest
+        seconds = [session.median_seconds(i) for i in range(len(session.candidates))]
+        self._profiles[session.key] = {self._label_of(c, session): t for c, t in zip(session.candidates, seconds)}
         self._session = None
         timings = ", ".join(
-            f"n={c.n}/{c.restore} {seconds[c.n] * 1e3:.1f}{'*' if c.n == n else ('' if c.live else ' (pruned)')}"
-            for c in session.candidates)
+            f"n={c.n}/{c.restore} {t * 1e3:.1f}{'*' if c is best and c.n == n else ('' if c.live else ' (pruned)')}"
+            for c, t in zip(session.candidates, seconds))
         self._log(f"{session.key} rows -> n={n}; median ms per call: {timings} ({len(session.history)} rounds)")
         self._log_strategy(self._strategy(n, session.key))
+
+    def _label_of(self, candidate: _Candidate, session: _Session) -> str:
+        """`n4`, or `n4_s1` for a strategy measured beside the model's pick at n=4."""
+        if candidate.restore == self._modelled(candidate.n, session.key).restore:
+            return f"n{candidate.n}"
+        return f"n{candidate.n}_{candidate.restore}"
 
     # -- reporting ---------------------------------------------------------------------------
     def _label(self) -> str:
@@ -585,8 +633,8 @@ class LayerTuner:
         if self._profiles:
             latest = max(self._profiles) if self._last is None else min(
                 self._profiles, key=lambda k: abs(math.log(max(self._last[2], 1) / k)))
-            for n, seconds in sorted(self._profiles[latest].items()):
-                out[f"candidate_ms/n{n}"] = seconds * 1e3
+            for label, seconds in sorted(self._profiles[latest].items()):
+                out[f"candidate_ms/{label}"] = seconds * 1e3
         return out
 
     def state_dict(self) -> dict:
@@ -598,8 +646,9 @@ class LayerTuner:
             "fingerprint": self._fingerprint,
             "points": self._table.state(),
             "calibration": self._calibration.to_dict() if self._calibration else None,
-            "profiles": {str(k): {str(n): t for n, t in v.items() if math.isfinite(t)}
+            "profiles": {str(k): {label: t for label, t in v.items() if math.isfinite(t)}
                          for k, v in self._profiles.items()},
+            "measured": {str(k): [n, restore] for k, (n, restore) in self._measured.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
