@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
-__all__ = ["AUTO", "DEFAULT_CANDIDATES", "RESTORE_STRATEGIES", "ExecutorConfig", "SimulatedLink", "budget_bytes"]
+__all__ = ["AUTO", "DEFAULT_CANDIDATES", "RESTORE_STRATEGIES", "ExecutorConfig", "SimulatedLink", "budget_bytes",
+           "executor_overrides"]
 
 #: How backward gets back what buffer reuse overwrote (DESIGN.md §1.4): `none` keeps a copy
 #: per partition (no reuse); s1 offloads T_DI and T_M; s2 re-communicates T_DI and offloads
@@ -168,3 +171,37 @@ def budget_bytes(budget: int | float | None, device_memory_bytes: int) -> int | 
     if isinstance(budget, float) and budget <= 1:
         return int(budget * device_memory_bytes)
     return int(budget)
+
+
+def executor_overrides(
+    granularity: int | str | None = None,
+    restore: str | None = None,
+    simulated_link: SimulatedLink | Mapping[str, float] | None = None,
+    memory_budget: int | float | None = None,
+) -> dict[str, Any]:
+    """The Lightning strategy's executor arguments as `ExecutorConfig` field overrides.
+
+    The one place that maps them: `granularity` -> `num_partitions` (n), `restore` ->
+    `restore`, `simulated_link` -> `link`, `memory_budget` -> `memory_budget`. None leaves
+    the field as the layer has it. Checked now, with the argument's name in the message,
+    rather than at the first forward.
+    """
+    overrides: dict[str, Any] = {}
+    if granularity is not None:
+        if granularity != AUTO and (isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1):
+            raise ValueError(f"granularity must be 'auto' or an int >= 1, got {granularity!r}")
+        overrides["num_partitions"] = granularity
+    if restore is not None:
+        if restore != AUTO and restore not in RESTORE_STRATEGIES:
+            raise ValueError(f"restore must be 'auto' or one of {RESTORE_STRATEGIES}, got {restore!r}")
+        overrides["restore"] = restore
+    if simulated_link is not None:
+        if isinstance(simulated_link, Mapping):
+            simulated_link = SimulatedLink(**simulated_link)
+        if not isinstance(simulated_link, SimulatedLink):
+            raise TypeError(f"simulated_link must be a SimulatedLink (or a dict of its fields), got {simulated_link!r}")
+        overrides["link"] = simulated_link
+    if memory_budget is not None:
+        overrides["memory_budget"] = memory_budget
+    ExecutorConfig(**overrides)  # the config's own checks (the budget's range among them)
+    return overrides

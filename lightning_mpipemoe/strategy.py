@@ -26,7 +26,6 @@ Order of events in a run (Lightning's `Trainer._run`):
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -70,77 +69,15 @@ from lightning_mpipemoe.checkpointing import (
     split_checkpoint,
     temporary_directory,
 )
-from lightning_mpipemoe.config import RESTORE_STRATEGIES, ExecutorConfig, SimulatedLink
+from lightning_mpipemoe.config import SimulatedLink, executor_overrides
 from lightning_mpipemoe.discovery import ExecutorView, MoEUnit, find_moe_units, load_executor_state, read_executor_state
 from lightning_mpipemoe.grad_sync import clip_grad_norm_, reduce_expert_gradients
 from lightning_mpipemoe.groups import DEFAULT_TIMEOUT, MoEProcessGroups, build_process_groups, check_parallel_sizes
 from lightning_mpipemoe.moe_metrics import moe_step_metrics
 
-__all__ = ["MPipeMoEStrategy", "executor_overrides"]
+__all__ = ["MPipeMoEStrategy"]
 
 _LOG_LEVELS = ("layer", "expert", "off")
-
-
-def _config_accepts(field: str, value: Any) -> bool:
-    try:
-        ExecutorConfig(**{field: value})
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def executor_overrides(
-    granularity: int | str | None = None,
-    restore: str | None = None,
-    simulated_link: SimulatedLink | Mapping[str, float] | None = None,
-    memory_budget: int | float | None = None,
-) -> dict[str, Any]:
-    """The strategy's executor arguments as `ExecutorConfig` field overrides.
-
-    The one place that maps them: `granularity` -> `num_partitions` (n), `restore` ->
-    `restore`, `simulated_link` -> `link`, `memory_budget` -> `memory_budget`. None leaves
-    the field as the layer has it. A value this build's `ExecutorConfig` cannot take yet
-    ("auto" before the tuner exists, a memory budget) is an error, not a silent fallback.
-    """
-    fields = {f.name for f in dataclasses.fields(ExecutorConfig)}
-    overrides: dict[str, Any] = {}
-    if granularity is not None:
-        if granularity == "auto":
-            if not _config_accepts("num_partitions", "auto"):
-                raise ValueError(
-                    "granularity='auto' needs the adaptive-granularity tuner, which this build's ExecutorConfig does "
-                    "not support yet; pass a fixed number of micro-partitions n >= 1 (e.g. granularity=2)"
-                )
-        elif isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1:
-            raise ValueError(f"granularity must be 'auto' or an int >= 1, got {granularity!r}")
-        overrides["num_partitions"] = granularity
-    if restore is not None:
-        if restore == "auto":
-            if not _config_accepts("restore", "auto"):
-                raise ValueError(
-                    "restore='auto' needs the cost-model tuner, which this build's ExecutorConfig does not support "
-                    f"yet; pick one of {RESTORE_STRATEGIES}"
-                )
-        elif restore not in RESTORE_STRATEGIES:
-            raise ValueError(f"restore must be 'auto' or one of {RESTORE_STRATEGIES}, got {restore!r}")
-        overrides["restore"] = restore
-    if simulated_link is not None:
-        if "link" not in fields:
-            raise ValueError("simulated_link needs an ExecutorConfig with a `link` field, which this build lacks")
-        if isinstance(simulated_link, Mapping):
-            simulated_link = SimulatedLink(**simulated_link)
-        if not isinstance(simulated_link, SimulatedLink):
-            raise TypeError(f"simulated_link must be a SimulatedLink (or a dict of its fields), got {simulated_link!r}")
-        overrides["link"] = simulated_link
-    if memory_budget is not None:
-        if "memory_budget" not in fields:
-            raise ValueError(
-                "memory_budget needs the memory-aware tuner (choosing n and the restore strategy under a budget), "
-                "which this build's ExecutorConfig does not have yet"
-            )
-        overrides["memory_budget"] = memory_budget
-    ExecutorConfig(**overrides)  # the config's own checks, now rather than at the first forward
-    return overrides
 
 
 def _check_precision(plugin: Precision) -> None:
@@ -172,8 +109,7 @@ class MPipeMoEStrategy(DDPStrategy):
         restore: memory-reuse restore strategy, one of "none", "s1".."s4", or "auto" (chosen
             by the cost model). None keeps each layer's own setting.
         memory_budget: what one MoE layer call may hold (bytes, or a fraction of device
-            memory), obeyed by the "auto" choices. "auto" and the budget are a clear error on
-            a build whose `ExecutorConfig` has no tuner (`executor_overrides`).
+            memory), obeyed by the "auto" choices.
         simulated_link: a `config.SimulatedLink` (or a dict of its fields) that every
             all-to-all also crosses, for schedule studies on CPU.
         timeout: timeout of the default process group and of every MoE process group

@@ -12,7 +12,6 @@ clipping norm show; Adam would hide a uniform scale.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -41,8 +40,8 @@ from lightning_mpipemoe.checkpointing import (
     split_checkpoint,
     temporary_directory,
 )
-from lightning_mpipemoe.config import ExecutorConfig, SimulatedLink
-from lightning_mpipemoe.strategy import MPipeMoEStrategy, _MPipeMoESpawnLauncher, executor_overrides
+from lightning_mpipemoe.config import SimulatedLink, executor_overrides
+from lightning_mpipemoe.strategy import MPipeMoEStrategy, _MPipeMoESpawnLauncher
 from tests.strategy_models import (
     CLIP,
     GLOBAL_BATCH,
@@ -129,22 +128,13 @@ def test_executor_overrides_map_onto_executor_config():
         executor_overrides(granularity=0)
     with pytest.raises(ValueError, match="restore must be"):
         executor_overrides(restore="s9")
-    # "auto" and the memory budget map through once ExecutorConfig has the tuner, and are a
-    # clear error before.
-    fields = {f.name for f in dataclasses.fields(ExecutorConfig)}
-    if "memory_budget" in fields:
-        assert executor_overrides("auto", "auto", memory_budget=2**30) == {
-            "num_partitions": "auto",
-            "restore": "auto",
-            "memory_budget": 2**30,
-        }
-    else:
-        with pytest.raises(ValueError, match="granularity='auto' needs the adaptive-granularity tuner"):
-            MPipeMoEStrategy(granularity="auto")
-        with pytest.raises(ValueError, match="restore='auto' needs the cost-model tuner"):
-            executor_overrides(restore="auto")
-        with pytest.raises(ValueError, match="memory_budget needs the memory-aware tuner"):
-            executor_overrides(memory_budget=2**30)
+    assert executor_overrides("auto", "auto", memory_budget=2**30) == {
+        "num_partitions": "auto",
+        "restore": "auto",
+        "memory_budget": 2**30,
+    }
+    with pytest.raises(ValueError, match="memory_budget"):
+        executor_overrides(memory_budget=-1.0)
 
 
 def test_clear_errors_before_any_process_starts():

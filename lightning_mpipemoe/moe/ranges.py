@@ -8,7 +8,7 @@ table small (one range per n) and what bounds the candidates a miss has to profi
 tuner also tries one candidate beyond each bound, so that a point measured wrong by noise
 gets repaired by its neighbours' sessions instead of constraining them).
 
-Keys are row counts (see `tuner.agree_load`); a point also answers keys within a factor
+Keys are row counts (see `load_key.agree_load`); a point also answers keys within a factor
 `1 + tolerance` of it, so the drift of routing between steps does not re-profile.
 """
 
