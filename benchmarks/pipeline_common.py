@@ -122,15 +122,18 @@ def timed_once(step) -> float:
 
 
 def timed_round_robin(steps: dict, repeats: int, warmup: int = 1) -> dict:
-    """Times of every step in `steps`, `repeats` rounds of one run each, interleaved, so that
-    a shared machine's changing load falls on every configuration alike."""
+    """Times of every step in `steps`, `repeats` rounds of one run each, interleaved (the order
+    rotating from round to round), so that a shared machine's changing load and whatever the
+    previous configuration left in the caches fall on every configuration alike."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times = {key: [] for key in steps}
-    for _ in range(repeats):
-        for key, step in steps.items():
-            times[key].append(timed_once(step))
+    keys = list(steps)
+    for round_index in range(repeats):
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            times[key].append(timed_once(steps[key]))
     return times
 
 
