@@ -64,20 +64,12 @@ class SwitchStackedExperts(nn.Module):
         stacked.wo.requires_grad_(all(expert.wo.weight.requires_grad for expert in chosen))
         return stacked
 
-    def weights(self, config: ExecutorConfig) -> ExpertWeights:
+    def weights(self) -> ExpertWeights:
+        """The stacked experts as the executor takes them (dropout as a `gate_fn` in training)."""
         gate_fn = None
         if self.training and self.dropout.p > 0:
-            if config.pipelined:
-                # The pipelined executor re-runs the activation in backward, which would draw a
-                # second dropout mask; the plain path keeps autograd's (and HF activation
-                # checkpointing restores the RNG state, so it is safe there).
-                raise ValueError(
-                    f"Switch expert dropout (dropout_rate={self.dropout.p}) in training needs the plain executor "
-                    "path (num_partitions=1, restore='none'); the pipelined path recomputes the activation in "
-                    "backward with a fresh dropout mask. Set dropout_rate=0 or use ExecutorConfig()."
-                )
-
-            # HF applies dropout between the activation and `wo`.
+            # HF applies dropout between the activation and `wo`. The pipelined executor
+            # replays this draw when it recomputes the activation in backward.
             def gate_fn(pre_SI: torch.Tensor) -> torch.Tensor:
                 return self.dropout(self.act(pre_SI))
 
@@ -103,16 +95,11 @@ class MPipeSwitchSparseMLP(nn.Module):
         index_T1 = torch.argmax(router_probs_BSE, dim=-1).reshape(-1, 1)
         binding: ExecutorBinding = getattr(self, BINDING_ATTR)
         config, tuner = binding.config, binding.tuner
-        if self.experts.training and self.experts.dropout.p > 0 and config.is_auto:
-            # Expert dropout draws its mask inside the activation, which the pipelined path
-            # recomputes in backward: "auto" then means the plain path (an explicit pipelined
-            # config is refused with a clear error in `weights`).
-            config, tuner = config.resolved(1, "none"), None
         out_TH = expert_parallel_forward(
             hidden_states.reshape(-1, hidden_dim),
             index_T1,
             top_prob_BS1.reshape(-1, 1),
-            self.experts.weights(config),
+            self.experts.weights(),
             ep_group=binding.groups.ep,
             combine_group=binding.groups.ep_combine,
             config=config,

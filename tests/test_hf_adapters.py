@@ -33,6 +33,7 @@ from lightning_mpipemoe.hf_models import (
     to_hf_state_dict,
 )
 from lightning_mpipemoe.hf_models import checkpoint_io
+from lightning_mpipemoe.hf_models.experts_interface import BINDING_ATTR
 from tests.hf_tiny import FAMILIES, check_against_hf, comparable_outputs, is_seq2seq, tiny_batch, tiny_model
 
 
@@ -87,7 +88,8 @@ def test_memory_reuse_strategies_locally(restore):
 
 
 def test_switch_expert_dropout():
-    """Dropout inside Switch experts: trains on the plain path, refused on the pipelined one."""
+    """Dropout inside Switch experts trains on every path (the pipeline replays the mask in
+    backward: tests/test_pipeline.py checks the gradients); "auto" tunes it like any layer."""
     model = convert_model(tiny_model("switch_transformers", dropout_rate=0.1)).train()
     batch = tiny_batch("switch_transformers")
     model(**batch).loss.backward()
@@ -95,9 +97,21 @@ def test_switch_expert_dropout():
     ref = tiny_model("switch_transformers", dropout_rate=0.1).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=0)
-    convert_model(model, config=ExecutorConfig(num_partitions=2)).train()
-    with pytest.raises(ValueError, match="dropout"):
-        model(**batch)
+
+    def train_step(net, seed):
+        torch.manual_seed(seed)
+        net.zero_grad()
+        loss = net(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    for config in (ExecutorConfig(num_partitions=2, restore="s4"), ExecutorConfig()):
+        pipelined = convert_model(copy.deepcopy(model), config=config).train()
+        loss, grads = train_step(pipelined, seed=3)
+        assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads.values())
+        assert not torch.equal(loss, train_step(pipelined, seed=4)[0])  # dropout is active
+    bindings = [getattr(m, BINDING_ATTR) for m in pipelined.modules() if hasattr(m, "router") and hasattr(m, BINDING_ATTR)]
+    assert len(bindings) == 2 and all(b.tuner.profile_calls > 0 for b in bindings)  # profiled, not sent to n = 1
 
 
 def _experts_module(kind: str):

@@ -72,7 +72,8 @@ def make_tokens(num_tokens: int, num_experts: int, top_k: int, route: str, seed:
     return hidden_TH, index_TK.long(), weights_TK
 
 
-def run_once(forward, tokens, full: dict, gated: bool, act, ep_rank: int, ep_size: int, **kw) -> list[torch.Tensor]:
+def run_once(forward, tokens, full: dict, gated: bool, act, ep_rank: int, ep_size: int, gate_fn=None,
+             **kw) -> list[torch.Tensor]:
     """Forward + backward of this rank's shard: output, then gradients of hidden, routing
     weights and every expert parameter (zeros where autograd left None)."""
     local = next(iter(full.values())).shape[0] // ep_size
@@ -80,7 +81,7 @@ def run_once(forward, tokens, full: dict, gated: bool, act, ep_rank: int, ep_siz
     hidden_TH, index_TK, weights_TK = (t.clone() for t in tokens)
     hidden_TH.requires_grad_()
     weights_TK.requires_grad_()
-    experts = ExpertWeights(**params, gated=gated, activation=act)
+    experts = ExpertWeights(**params, gated=gated, activation=act, gate_fn=gate_fn)
     out_TH = forward(hidden_TH, index_TK, weights_TK, experts, **kw)
     grad_TH = torch.cos(torch.arange(out_TH.numel(), dtype=out_TH.dtype, device=out_TH.device) * 0.37).view_as(out_TH)
     (out_TH * grad_TH).sum().backward()
@@ -147,6 +148,34 @@ def test_bf16_rows_with_fp32_weights_match_the_reference():
         for a, e in zip(actual, expected):
             assert a.dtype == e.dtype
             assert_close(a.float(), e.float(), f"bf16 n={n} {restore}", rel=2e-2)
+
+
+def test_random_activation_is_replayed_in_backward():
+    """A `gate_fn` that draws random numbers (Switch's expert dropout): backward recomputes the
+    activation with the forward's mask, so output and every gradient equal the same partitions
+    run one after another under autograd from the same seed, and the RNG ends where it did."""
+    dropout = torch.nn.Dropout(0.3)
+
+    def relu_dropout(pre_SO):
+        return dropout(F.relu(pre_SO))
+
+    full = make_weights(4, False, True)
+    tokens = make_tokens(37, 4, 2, "skip", seed=4)
+    names = ["output", "grad hidden", "grad routing weights", "grad w_in", "grad w_out", "grad b_in", "grad b_out"]
+    for n, restore in ((2, "none"), (3, "s1"), (4, "s3"), (4, "s4")):
+        config = ExecutorConfig(n, restore)
+        torch.manual_seed(5)
+        expected = run_once(reference_expert_parallel_forward, tokens, full, False, F.relu, 0, 1,
+                            gate_fn=relu_dropout, config=config)
+        after_reference = torch.get_rng_state()
+        torch.manual_seed(5)
+        actual = run_once(pipelined_expert_parallel_forward, tokens, full, False, F.relu, 0, 1,
+                          gate_fn=relu_dropout, config=config)
+        assert torch.equal(torch.get_rng_state(), after_reference), f"n={n} {restore}: backward moved the RNG"
+        for name, a, e in zip(names, actual, expected):
+            assert_close(a, e, f"dropout n={n} {restore} {name}")
+    no_dropout = run_once(reference_expert_parallel_forward, tokens, full, False, F.relu, 0, 1, config=config)
+    assert not torch.allclose(no_dropout[3], expected[3])  # the masks did drop something
 
 
 def test_second_backward_is_a_clear_error():

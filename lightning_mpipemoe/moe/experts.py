@@ -24,7 +24,9 @@ class ExpertWeights:
     `w_in_EOH` is Hugging Face's `gate_up_proj [E, 2I, H]` (gate rows first) for gated experts
     or the stacked Switch `wi [E, I, H]` for plain ones; `w_out_EHI` is `down_proj [E, H, I]`
     (stacked `wo`). `gate_fn` overrides the default `activation(gate) * up`, for families
-    whose experts module defines its own `_apply_gate`.
+    whose experts module defines its own `_apply_gate`, and for Switch's dropout after the
+    activation (a `gate_fn` may draw random numbers: the pipelined executor replays them when
+    it recomputes the activation in backward).
     """
 
     w_in_EOH: torch.Tensor

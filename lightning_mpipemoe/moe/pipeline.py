@@ -18,6 +18,11 @@ outside (plain autograd), so the Function returns the combined rows of all parti
 The Function saves what backward needs through `ctx.save_for_backward` (so saved-tensor
 hooks measure it) and keeps routing plans as values in `ctx`; nothing lives on a module.
 
+Backward recomputes each partition's activation from its T_M (nothing of the activation is
+kept). A `gate_fn` may draw random numbers (Switch's expert dropout): the RNG state before
+each partition's activation is kept (a few KB) and replayed for the recomputation, as
+`torch.utils.checkpoint` does, so backward sees the forward's dropout mask.
+
 Shape legend: T tokens, K top-k, H model dim, I expert hidden, O = 2I (gated) or I,
 S rows of one partition, L local experts, N rows of all partitions.
 """
@@ -45,6 +50,25 @@ from lightning_mpipemoe.moe.memory import PipelineRecord
 from lightning_mpipemoe.moe.restore import RestoreStrategy, Stash, restore_strategy
 
 __all__ = ["PipelineCall", "pipelined_experts"]
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator that random ops on `device` draw from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _replayed_activation(pre_SO: torch.Tensor, experts: ExpertWeights, state: torch.Tensor | None) -> torch.Tensor:
+    """The activation as the forward drew it: its RNG state replayed (outside RNG untouched)."""
+    if state is None:
+        return expert_activation(pre_SO, experts)
+    device = pre_SO.device
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        return expert_activation(pre_SO, experts)
 
 
 @dataclass(frozen=True)
@@ -138,6 +162,8 @@ class _PipelinedExperts(torch.autograd.Function):
 
         dispatch = issue_dispatch(0)
         combine = None
+        # RNG state before each partition's activation, when it may draw (see the module docstring).
+        rng_states = [] if experts.gate_fn is not None else None
         for i, plan in enumerate(plans):
             offsets_L = plan.expert_offsets_L
             received_SH = dispatch.wait()
@@ -160,6 +186,8 @@ class _PipelinedExperts(torch.autograd.Function):
             stash.save(i, dispatched_SH, hidden_SO)
             pool.drop("T_DI")
             del dispatched_SH
+            if rng_states is not None:
+                rng_states.append(_rng_state(device))
             act_SI = pool.put("act", expert_activation(hidden_SO, experts))
             pool.drop("T_M")
             del hidden_SO
@@ -188,7 +216,7 @@ class _PipelinedExperts(torch.autograd.Function):
 
         kept = stash.finish_forward()
         needs_input = call.strategy.needs_input
-        ctx.call, ctx.stash = call, stash
+        ctx.call, ctx.stash, ctx.rng_states = call, stash, rng_states
         ctx.input_shape = tuple(hidden_TH.shape)
         ctx.save_for_backward(
             hidden_TH if needs_input else None,
@@ -227,12 +255,13 @@ class _PipelinedExperts(torch.autograd.Function):
             for i, plan in enumerate(call.plans)
         ]
         grads = _backward(call, stash, plans, grad_out_NH, hidden_TH, w_in_EOH, w_out_EHI, b_in_EO, b_out_EH,
-                          ctx.input_shape, ctx.needs_input_grad)
+                          ctx.input_shape, ctx.needs_input_grad, ctx.rng_states)
         stash.release()
         return (None, *grads)
 
 
-def _backward(call, stash, plans, grad_out_NH, hidden_TH, w_in_EOH, w_out_EHI, b_in_EO, b_out_EH, input_shape, needs):
+def _backward(call, stash, plans, grad_out_NH, hidden_TH, w_in_EOH, w_out_EHI, b_in_EO, b_out_EH, input_shape, needs,
+              rng_states):
     device = grad_out_NH.device
     lanes, pool = Lanes(device), BufferPool()
     clock = LinkClock(call.link) if call.link is not None else None
@@ -320,7 +349,7 @@ def _backward(call, stash, plans, grad_out_NH, hidden_TH, w_in_EOH, w_out_EHI, b
         # the grouped GEMMs by hand.
         with torch.enable_grad():
             pre_leaf = pre_SO.detach().requires_grad_()
-            act_SI = expert_activation(pre_leaf, experts)
+            act_SI = _replayed_activation(pre_leaf, experts, rng_states[j] if rng_states is not None else None)
         pool.put("act", act_SI)
         grad_act_SI = pool.put("dAct", kernels.grouped_mm(grad_y_SH, w_out_EIH, offsets_L))
         _weight_grad(grad_w_out, grad_y_SH, act_SI.detach(), ends)
