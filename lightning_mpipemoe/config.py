@@ -188,7 +188,8 @@ def executor_overrides(
     """
     overrides: dict[str, Any] = {}
     if granularity is not None:
-        if granularity != AUTO and (isinstance(granularity, bool) or not isinstance(granularity, int) or granularity < 1):
+        fixed = isinstance(granularity, int) and not isinstance(granularity, bool) and granularity >= 1
+        if granularity != AUTO and not fixed:
             raise ValueError(f"granularity must be 'auto' or an int >= 1, got {granularity!r}")
         overrides["num_partitions"] = granularity
     if restore is not None:

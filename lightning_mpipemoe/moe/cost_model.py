@@ -172,7 +172,8 @@ class StrategyChoice:
             ranked = sorted(self.predicted_s.items(), key=lambda kv: (kv[1], RESTORE_STRATEGIES.index(kv[0])))
             line += "; predicted fwd+bwd " + " < ".join(f"{s} {t * 1e3:.1f} ms" for s, t in ranked)
         if self.measured:
-            line += f"; the model cannot separate {self.restore} from its pick within its error, measured {self.restore} faster"
+            line += (f"; the model cannot separate {self.restore} from its pick within its error, "
+                     f"measured {self.restore} faster")
         if calibration is not None:
             line += f"; calibrated {calibration.summary()}"
         return line

@@ -14,8 +14,9 @@ ranges each mapped to one n, monotone in the key. A miss in a training call star
 profiling session; the candidates are the configured ones between the n of the neighbouring
 ranges (monotonicity bounds them), and one beyond each side (so that a neighbour decided
 wrong by noise gets repaired rather than fencing the truth out), each paired with the
-restore strategy the cost model picks for it under the memory budget (`cost_model.choose_strategy`) — pairs that fit no
-strategy are dropped, which is where the budget and n are chosen jointly. Strategies the
+restore strategy the cost model picks for it under the memory budget
+(`cost_model.choose_strategy`); pairs that fit no strategy are dropped, which is where the
+budget and n are chosen jointly. Strategies the
 model ranks within `MODEL_MARGIN` of its pick are profiled beside it (a calibration of a few
 short measurements cannot separate them); the one measured fastest at the winning n is kept
 for that point and its neighbourhood while the model still cannot tell them apart there.
@@ -366,7 +367,8 @@ class LayerTuner:
         if choice.restore not in predicted:
             return [choice.restore]
         limit = predicted[choice.restore] * (1 + self.MODEL_MARGIN)
-        return [choice.restore] + [s for s in choice.feasible if s != choice.restore and predicted.get(s, math.inf) <= limit]
+        close = [s for s in choice.feasible if s != choice.restore and predicted.get(s, math.inf) <= limit]
+        return [choice.restore, *close]
 
     def _modelled(self, n: int, key: int) -> StrategyChoice:
         """`choose_strategy` at (n, key) with this layer's budget (cached)."""
@@ -417,7 +419,8 @@ class LayerTuner:
         last = min(len(candidates) - 1, candidates.index(high) + 1) if high in candidates else len(candidates) - 1
         # Each n with the model's strategy, and with those the model cannot tell from it.
         choices = [self._modelled(n, key) for n in candidates[first : last + 1]]
-        fits = [_Candidate(ch.num_partitions, s) for ch in choices if not ch.over_budget for s in self._close_to_pick(ch)]
+        fits = [_Candidate(ch.num_partitions, s)
+                for ch in choices if not ch.over_budget for s in self._close_to_pick(ch)]
         if len(fits) <= 1:  # nothing to compare: the range needs no profiling
             n = fits[0].n if fits else self._feasible(low, key)[0]
             self._table.insert(key, n)
