@@ -34,14 +34,19 @@ import json
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline_common import LayerSpec, launch, machine_note  # noqa: E402
+from pipeline_common import (  # noqa: E402
+    LayerSpec,
+    hf_mixtral_experts,
+    launch,
+    machine_note,
+    max_over_ranks,
+    mixtral_weights,
+    routed_batch,
+    timed_once,
+)
 
 from lightning_mpipemoe import ExecutorConfig, ExpertWeights, SimulatedLink, build_process_groups  # noqa: E402
 from lightning_mpipemoe.moe.executor import expert_parallel_forward, pipelined_expert_parallel_forward  # noqa: E402
@@ -72,74 +77,18 @@ def _quartiles(times: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def _full_weights(spec: LayerSpec) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "w_in_EOH": torch.randn(spec.experts, 2 * spec.intermediate, spec.hidden, generator=gen) / spec.hidden**0.5,
-        "w_out_EHI": torch.randn(spec.experts, spec.hidden, spec.intermediate, generator=gen) / spec.intermediate**0.5,
-    }
-
-
-def _hf_experts(spec: LayerSpec, implementation: str, full: dict, world: int, expert_parallel: bool):
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-
-    config = MixtralConfig(
-        hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_local_experts=spec.experts,
-        num_experts_per_tok=spec.top_k, hidden_act="silu",
-    )
-    config._experts_implementation = implementation
-    holder = torch.nn.Module()
-    holder.experts = MixtralExperts(config)
-    with torch.no_grad():
-        holder.experts.gate_up_proj.copy_(full["w_in_EOH"])
-        holder.experts.down_proj.copy_(full["w_out_EHI"])
-    if expert_parallel:
-        from torch.distributed.device_mesh import init_device_mesh
-        from transformers.distributed.expert_parallel import apply_expert_parallelism
-
-        mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("ep", "tp"))
-        plan = {"experts.gate_up_proj": "grouped_gemm", "experts.down_proj": "grouped_gemm",
-                "experts": "ep_dispatch_experts"}
-        apply_expert_parallelism(holder, mesh["ep"], mesh["tp"], plan, ep_implementation="all_to_all")
-    return holder.experts
-
-
-def _timed(step) -> float:
-    if dist.is_initialized():
-        dist.barrier()
-    start = time.perf_counter()
-    step()
-    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return float(elapsed)
-
-
-def _max_over_ranks(value: float) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
 def run(rank: int, world: int, args: dict) -> dict:
     spec = LayerSpec(tokens=args["tokens"], top_k=args["top_k"])
     system = args["system"]
-    full = _full_weights(spec)
-    batch = torch.Generator().manual_seed(1 + rank)
-    hidden_TH = torch.randn(spec.tokens, spec.hidden, generator=batch).requires_grad_()
-    logits_TE = torch.randn(spec.tokens, spec.experts, generator=batch)
-    weights_TK, index_TK = logits_TE.softmax(-1).topk(spec.top_k, dim=-1)
-    weights_TK = (weights_TK / weights_TK.sum(-1, keepdim=True)).requires_grad_()
-    grad_TH = torch.cos(torch.arange(spec.tokens * spec.hidden, dtype=torch.float32)).view(spec.tokens, spec.hidden)
+    full = mixtral_weights(spec)
+    hidden_TH, index_TK, weights_TK, grad_TH = routed_batch(spec, rank)
     link = SimulatedLink(LINK_LATENCY_S, args["link_bandwidth"]) if args["link"] else None
     tuner = None
     chosen = None
 
     if system in HF_SYSTEMS:
         implementation = system.split("_", 2)[2]
-        module = _hf_experts(spec, implementation, full, world, expert_parallel=system.startswith("hf_ep"))
+        module = hf_mixtral_experts(spec, implementation, full, world, expert_parallel=system.startswith("hf_ep"))
         params = list(module.parameters())
 
         def forward():
@@ -197,16 +146,16 @@ def run(rank: int, world: int, args: dict) -> dict:
         chosen = (last[0], last[1])
     for _ in range(args["warmup"]):
         step()
-    times = [_timed(step) for _ in range(args["repeats"])]
+    times = [timed_once(step) for _ in range(args["repeats"])]
 
     clear()
     record = PipelineRecord() if system not in HF_SYSTEMS else None
     # HF's EP parameters are DTensors: the meter excludes their local shards' storage.
     local_params = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     measured = measure_call(lambda: forward_measured(record), backward, parameters=local_params, record=record)
-    held = _max_over_ranks(measured.device_held_bytes)
-    host = _max_over_ranks(measured.host_held_bytes or 0)
-    rss = _max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    held = max_over_ranks(measured.device_held_bytes)
+    host = max_over_ranks(measured.host_held_bytes or 0)
+    rss = max_over_ranks(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     q1, q3 = _quartiles(times)
     median = statistics.median(times)
     return {

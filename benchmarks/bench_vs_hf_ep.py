@@ -33,7 +33,16 @@ import time
 
 import torch
 import torch.distributed as dist
-from pipeline_common import LayerSpec, launch, machine_note, summarize, write_json
+from pipeline_common import (
+    LayerSpec,
+    hf_mixtral_experts,
+    launch,
+    machine_note,
+    mixtral_weights,
+    routed_batch,
+    summarize,
+    write_json,
+)
 
 from lightning_mpipemoe import ExecutorConfig, ExpertWeights, build_process_groups, expert_parallel_forward, kernels
 from lightning_mpipemoe.moe.executor import pipelined_expert_parallel_forward
@@ -77,49 +86,14 @@ def _rotated_rounds(steps: dict, repeats: int, warmup: int = 2) -> dict:
     return measures
 
 
-def _hf_experts(spec: LayerSpec, implementation: str, full: dict, world: int):
-    from torch.distributed.device_mesh import init_device_mesh
-    from transformers import MixtralConfig
-    from transformers.distributed.expert_parallel import apply_expert_parallelism
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-
-    config = MixtralConfig(
-        hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_local_experts=spec.experts,
-        num_experts_per_tok=spec.top_k, hidden_act="silu",
-    )
-    config._experts_implementation = implementation
-    holder = torch.nn.Module()
-    holder.experts = MixtralExperts(config)
-    with torch.no_grad():
-        holder.experts.gate_up_proj.copy_(full["w_in_EOH"])
-        holder.experts.down_proj.copy_(full["w_out_EHI"])
-    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("ep", "tp"))
-    plan = {
-        "experts.gate_up_proj": "grouped_gemm",
-        "experts.down_proj": "grouped_gemm",
-        "experts": "ep_dispatch_experts",
-    }
-    apply_expert_parallelism(holder, mesh["ep"], mesh["tp"], plan, ep_implementation="all_to_all")
-    return holder.experts
-
-
 def _bench(rank: int, world: int, spec: LayerSpec, repeats: int, with_reference_kernels: bool = False) -> dict:
     groups = build_process_groups(world)
-    gen = torch.Generator().manual_seed(0)
-    full = {
-        "w_in_EOH": torch.randn(spec.experts, 2 * spec.intermediate, spec.hidden, generator=gen) / spec.hidden**0.5,
-        "w_out_EHI": torch.randn(spec.experts, spec.hidden, spec.intermediate, generator=gen) / spec.intermediate**0.5,
-    }
+    full = mixtral_weights(spec)
     local = spec.experts // world
     ours = {k: v[rank * local : (rank + 1) * local].clone().requires_grad_() for k, v in full.items()}
     experts = ExpertWeights(ours["w_in_EOH"], ours["w_out_EHI"])
-    batch = torch.Generator().manual_seed(1 + rank)
-    hidden_TH = torch.randn(spec.tokens, spec.hidden, generator=batch).requires_grad_()
-    logits_TE = torch.randn(spec.tokens, spec.experts, generator=batch)
-    weights_TK, index_TK = logits_TE.softmax(-1).topk(spec.top_k, dim=-1)
-    weights_TK = (weights_TK / weights_TK.sum(-1, keepdim=True)).requires_grad_()
-    grad_TH = torch.cos(torch.arange(spec.tokens * spec.hidden, dtype=torch.float32)).view(spec.tokens, spec.hidden)
-    hf = {name: _hf_experts(spec, name, full, world) for name in HF_IMPLEMENTATIONS}
+    hidden_TH, index_TK, weights_TK, grad_TH = routed_batch(spec, rank)
+    hf = {name: hf_mixtral_experts(spec, name, full, world) for name in HF_IMPLEMENTATIONS}
     kw = dict(ep_group=groups.ep, combine_group=groups.ep_combine)
 
     def clear():

@@ -110,15 +110,71 @@ def summarize(times: list[float]) -> dict:
     }
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest `value` of all ranks (itself in a single process)."""
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def timed_once(step) -> float:
     """Wall time of `step()` on every rank together: a barrier before, and the slowest
     rank's time (all-reduce max), so that every rank reports the same figure."""
-    dist.barrier()
+    if dist.is_initialized():
+        dist.barrier()
     start = time.perf_counter()
     step()
-    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return float(elapsed)
+    return max_over_ranks(time.perf_counter() - start)
+
+
+def mixtral_weights(spec: LayerSpec) -> dict:
+    """All experts' weights in HF's fused layout (gated), seed 0: identical on every rank."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "w_in_EOH": torch.randn(spec.experts, 2 * spec.intermediate, spec.hidden, generator=gen) / spec.hidden**0.5,
+        "w_out_EHI": torch.randn(spec.experts, spec.hidden, spec.intermediate, generator=gen) / spec.intermediate**0.5,
+    }
+
+
+def routed_batch(spec: LayerSpec, rank: int) -> tuple:
+    """This rank's tokens, random top-k routing (renormalised) and a fixed output gradient:
+    (hidden_TH, index_TK, weights_TK, grad_TH), hidden and weights requiring grad."""
+    batch = torch.Generator().manual_seed(1 + rank)
+    hidden_TH = torch.randn(spec.tokens, spec.hidden, generator=batch).requires_grad_()
+    logits_TE = torch.randn(spec.tokens, spec.experts, generator=batch)
+    weights_TK, index_TK = logits_TE.softmax(-1).topk(spec.top_k, dim=-1)
+    weights_TK = (weights_TK / weights_TK.sum(-1, keepdim=True)).requires_grad_()
+    grad_TH = torch.cos(torch.arange(spec.tokens * spec.hidden, dtype=torch.float32)).view(spec.tokens, spec.hidden)
+    return hidden_TH, index_TK, weights_TK, grad_TH
+
+
+def hf_mixtral_experts(spec: LayerSpec, implementation: str, full: dict, world: int, expert_parallel: bool = True):
+    """transformers' `MixtralExperts` holding `full`, with `implementation` as its experts
+    function; with `expert_parallel`, sharded by HF's own `apply_expert_parallelism`
+    (AllToAllEP, what `DistributedConfig(ep_size=...)` installs)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    config = MixtralConfig(
+        hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_local_experts=spec.experts,
+        num_experts_per_tok=spec.top_k, hidden_act="silu",
+    )
+    config._experts_implementation = implementation
+    holder = torch.nn.Module()
+    holder.experts = MixtralExperts(config)
+    with torch.no_grad():
+        holder.experts.gate_up_proj.copy_(full["w_in_EOH"])
+        holder.experts.down_proj.copy_(full["w_out_EHI"])
+    if expert_parallel:
+        from torch.distributed.device_mesh import init_device_mesh
+        from transformers.distributed.expert_parallel import apply_expert_parallelism
+
+        mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("ep", "tp"))
+        plan = {"experts.gate_up_proj": "grouped_gemm", "experts.down_proj": "grouped_gemm",
+                "experts": "ep_dispatch_experts"}
+        apply_expert_parallelism(holder, mesh["ep"], mesh["tp"], plan, ep_implementation="all_to_all")
+    return holder.experts
 
 
 def timed_round_robin(steps: dict, repeats: int, warmup: int = 1) -> dict:

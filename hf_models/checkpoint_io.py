@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import shutil
-import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -45,6 +44,7 @@ from transformers.core_model_loading import (
     rename_source_key,
 )
 
+from lightning_mpipemoe.atomic_dir import commit_directory, new_token, temporary_directory
 from lightning_mpipemoe.config import ExecutorConfig
 from lightning_mpipemoe.groups import MoEProcessGroups
 
@@ -402,7 +402,8 @@ def _write_export(
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    token = new_token()
+    tmp = temporary_directory(out_dir, token)
     try:
         floats = [v.dtype for v in hf_state_dict.values() if v.is_floating_point()]
         dtype = max(set(floats), key=floats.count) if floats else torch.float32
@@ -414,17 +415,7 @@ def _write_export(
                 source = Path(tokenizer_dir) / name
                 if source.is_file():
                     shutil.copy2(source, tmp / name)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except OSError:
-                os.rename(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        commit_directory(tmp, out_dir, token)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -44,6 +44,24 @@ def _num_warps(tile_elements: int) -> int:
     return 8 if tile_elements >= 4096 else 4
 
 
+@triton.jit
+def _token_slots(pos_ptr, weight_ptr, t_T, num_tokens, top_k, HAS_WEIGHTS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The K slots of tokens `t_T`: token mask, slot mask and offset, which slots were kept
+    (position >= 0), the rows they occupy, and their weights in fp32 (1 without weights)."""
+    t_mask_T = t_T < num_tokens
+    k_K = tl.arange(0, BLOCK_K)
+    tk_mask_TK = t_mask_T[:, None] & (k_K < top_k)[None, :]
+    tk_offset_TK = t_T[:, None] * top_k + k_K[None, :]
+    pos_TK = tl.load(pos_ptr + tk_offset_TK, mask=tk_mask_TK, other=-1)
+    live_TK = pos_TK >= 0
+    row_TK = tl.where(live_TK, pos_TK, 0).to(tl.int64)
+    if HAS_WEIGHTS:
+        w_TK = tl.load(weight_ptr + tk_offset_TK, mask=tk_mask_TK, other=0.0).to(tl.float32)
+    else:
+        w_TK = live_TK.to(tl.float32)
+    return t_mask_T, tk_mask_TK, tk_offset_TK, live_TK, row_TK, w_TK
+
+
 # Row and token counts change every step: not specialising on them keeps one compiled kernel.
 @triton.jit(do_not_specialize=["num_tokens", "num_rows"])
 def _scatter_rows_kernel(
@@ -71,15 +89,9 @@ def _scatter_rows_kernel(
     if pid < token_programs:
         # BLOCK_T tokens: load each row once, store it (weighted) to each of its K rows.
         t_T = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-        t_mask_T = t_T < num_tokens
-        k_K = tl.arange(0, BLOCK_K)
-        tk_mask_TK = t_mask_T[:, None] & (k_K < top_k)[None, :]
-        tk_offset_TK = t_T[:, None] * top_k + k_K[None, :]
-        pos_TK = tl.load(pos_ptr + tk_offset_TK, mask=tk_mask_TK, other=-1)
-        live_TK = pos_TK >= 0
-        row_TK = tl.where(live_TK, pos_TK, 0).to(tl.int64)
-        if HAS_WEIGHTS:
-            w_TK = tl.load(weight_ptr + tk_offset_TK, mask=tk_mask_TK, other=0.0).to(tl.float32)
+        t_mask_T, tk_mask_TK, tk_offset_TK, live_TK, row_TK, w_TK = _token_slots(
+            pos_ptr, weight_ptr, t_T, num_tokens, top_k, HAS_WEIGHTS, BLOCK_K
+        )
         dot_TK = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
         for h0 in range(0, hidden, BLOCK_H):
             h_H = h0 + tl.arange(0, BLOCK_H)
@@ -133,15 +145,9 @@ def _gather_rows_kernel(
     BLOCK_H: tl.constexpr,
 ):
     t_T = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask_T = t_T < num_tokens
-    k_K = tl.arange(0, BLOCK_K)
-    tk_mask_TK = t_mask_T[:, None] & (k_K < top_k)[None, :]
-    tk_offset_TK = t_T[:, None] * top_k + k_K[None, :]
-    pos_TK = tl.load(pos_ptr + tk_offset_TK, mask=tk_mask_TK, other=-1)
-    live_TK = pos_TK >= 0
-    row_TK = tl.where(live_TK, pos_TK, 0).to(tl.int64)
-    if HAS_WEIGHTS:
-        w_TK = tl.load(weight_ptr + tk_offset_TK, mask=tk_mask_TK, other=0.0).to(tl.float32)
+    t_mask_T, _, _, live_TK, row_TK, w_TK = _token_slots(
+        pos_ptr, weight_ptr, t_T, num_tokens, top_k, HAS_WEIGHTS, BLOCK_K
+    )
     for h0 in range(0, hidden, BLOCK_H):
         h_H = h0 + tl.arange(0, BLOCK_H)
         h_mask_H = h_H < hidden

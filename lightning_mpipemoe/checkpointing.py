@@ -26,8 +26,6 @@ checkpoint), and local: renames on object stores are not atomic.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,21 +43,16 @@ __all__ = [
     "META_FILE",
     "SECTION",
     "assemble_checkpoint",
-    "commit_directory",
     "consolidate_checkpoint",
     "expert_rows",
-    "fsync_files",
     "gather_full_state_dict",
     "is_mpipemoe_checkpoint",
     "needed_shards",
-    "new_token",
     "optimizer_state_by_index",
     "optimizer_state_by_name",
     "read_checkpoint",
-    "remove_stale",
     "shard_file",
     "split_checkpoint",
-    "temporary_directory",
 ]
 
 FORMAT_VERSION = 1
@@ -303,58 +296,6 @@ def consolidate_checkpoint(
     if prefix is None:
         return state_dict
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def temporary_directory(path: Path, token: str) -> Path:
-    return path.parent / f".{path.name}.tmp-{token}"
-
-
-def remove_stale(path: Path, keep: Path | None = None) -> None:
-    """Remove temporary directories of interrupted saves of `path` (all but `keep`)."""
-    if not path.parent.is_dir():
-        return
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        if keep is None or stale != keep:
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_files(directory: Path, names: list[str]) -> None:
-    for name in names:
-        _fsync(directory / name)
-
-
-def commit_directory(tmp: Path, path: Path, token: str) -> None:
-    """Put the complete directory `tmp` at `path` (replacing what is there) by renames."""
-    _fsync(tmp)
-    if path.exists() or path.is_symlink():
-        old = path.parent / f".{path.name}.old-{token}"
-        os.rename(path, old)
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            os.rename(old, path)
-            raise
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        os.rename(tmp, path)
-    _fsync(path.parent)
-    for leftover in path.parent.glob(f".{path.name}.old-*"):
-        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
 
 
 # ------------------------------------------------------------------------------------ live gather

@@ -54,20 +54,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_mpipemoe.atomic_dir import commit_directory, fsync_files, new_token, remove_stale, temporary_directory
 from lightning_mpipemoe.checkpointing import (
     META_FILE,
     SECTION,
-    commit_directory,
-    fsync_files,
     gather_full_state_dict,
-    new_token,
     optimizer_state_by_index,
     optimizer_state_by_name,
     read_checkpoint,
-    remove_stale,
     shard_file,
     split_checkpoint,
-    temporary_directory,
 )
 from lightning_mpipemoe.config import SimulatedLink, executor_overrides
 from lightning_mpipemoe.discovery import ExecutorView, MoEUnit, find_moe_units, load_executor_state, read_executor_state

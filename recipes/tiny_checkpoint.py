@@ -20,13 +20,14 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning_mpipemoe  # noqa: F401  isort: skip  (before transformers; see tests/hf_tiny.py)
 import torch
+
+from lightning_mpipemoe.atomic_dir import commit_directory, new_token, temporary_directory
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -181,18 +182,13 @@ def write_tiny_checkpoint(path: str | os.PathLike, spec: TinySpec) -> Path:
     torch.manual_seed(spec.seed)
     model = _model(spec, vocab_size=len(tokenizer)).float()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    token = new_token()
+    tmp = temporary_directory(path, token)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SPEC_FILE).write_text(json.dumps(_stamp(spec), indent=2, sort_keys=True) + "\n")
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        commit_directory(tmp, path, token)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

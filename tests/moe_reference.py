@@ -50,12 +50,13 @@ def moe_reference(hidden_TH, top_k_index_TK, top_k_weights_TK, w_in_EOH, w_out_E
     return torch.stack(rows)
 
 
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:
-    """|actual - expected| <= rel * max|expected| (elementwise), with a clear message."""
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5, what: str = "",
+                     floor: float = 1e-12) -> None:
+    """|actual - expected| <= rel * max(max|expected|, floor) (elementwise), with a clear message."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if expected.numel() == 0:
         return
-    scale = expected.abs().max().clamp_min(1e-12)
+    scale = expected.abs().max().clamp_min(floor)
     err = (actual - expected).abs().max()
     assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:g} x max|expected| {scale:.3e}"
 

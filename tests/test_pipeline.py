@@ -26,7 +26,7 @@ from lightning_mpipemoe.moe.executor import (
 )
 from lightning_mpipemoe.moe.memory import LayerShape, PipelineRecord, analytic_memory, measure_call
 from tests.dist_utils import run_distributed
-from tests.moe_reference import random_expert_weights
+from tests.moe_reference import assert_rel_close, random_expert_weights
 
 PARTITIONS = (1, 2, 3, 4, 8)
 H, I = 12, 10
@@ -42,13 +42,8 @@ SCENARIOS = [
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: float = 1e-6) -> None:
-    """|actual - expected| <= rel * max|expected| (fp32: rounding of reordered sums only)."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if expected.numel() == 0:
-        return
-    scale = expected.abs().max().clamp_min(1e-6)
-    err = (actual - expected).abs().max()
-    assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:g} x {scale:.3e}"
+    """Within `rel` of max|expected| (fp32: rounding of reordered sums only)."""
+    assert_rel_close(actual, expected, rel, what, floor=1e-6)
 
 
 def make_weights(num_experts: int, gated: bool, bias: bool) -> dict:

@@ -26,19 +26,17 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
+from lightning_mpipemoe.atomic_dir import commit_directory, remove_stale, temporary_directory
 from lightning_mpipemoe.checkpointing import (
     META_FILE,
     SECTION,
-    commit_directory,
+    assemble_checkpoint,
     consolidate_checkpoint,
     needed_shards,
     optimizer_state_by_index,
     optimizer_state_by_name,
-    assemble_checkpoint,
-    remove_stale,
     shard_file,
     split_checkpoint,
-    temporary_directory,
 )
 from lightning_mpipemoe.config import SimulatedLink, executor_overrides
 from lightning_mpipemoe.strategy import MPipeMoEStrategy, _MPipeMoESpawnLauncher

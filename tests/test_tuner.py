@@ -34,6 +34,7 @@ from lightning_mpipemoe.moe.restore import RESTORE
 from lightning_mpipemoe.moe.tuner import LayerTuner, RangeTable, agree_load, kept_counts
 from lightning_mpipemoe.moe.tuning_store import load_tuning, save_tuning, tuning_path
 from tests.dist_utils import run_distributed
+from tests.moe_reference import assert_rel_close
 
 H, I, E, K = 12, 10, 4, 2
 CALIBRATION = Calibration(flops_per_s=1e10, comm_bytes_per_s=1e8, comm_latency_s=1e-4, copy_bytes_per_s=2e9,
@@ -41,10 +42,7 @@ CALIBRATION = Calibration(flops_per_s=1e10, comm_bytes_per_s=1e8, comm_latency_s
 
 
 def assert_close(actual, expected, what, rel=1e-6):
-    assert actual.shape == expected.shape, what
-    if expected.numel():
-        scale = expected.abs().max().clamp_min(1e-6)
-        assert (actual - expected).abs().max() <= rel * scale, what
+    assert_rel_close(actual, expected, rel, what, floor=1e-6)
 
 
 def make_experts(num_local: int, rank: int = 0, seed: int = 7, hidden: int = H) -> ExpertWeights:
