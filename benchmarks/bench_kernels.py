@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_mpipemoe import kernels
+from lightning_mpipemoe.kernels import api as kernels
 from lightning_mpipemoe.kernels.triton_backend import TritonBackend, torch_grouped_mm_applies
 
 TARGET = 0.70

@@ -68,11 +68,11 @@ save() {  # save FILE...: copy results back from the device machine
 section "environment"
 timeout -k 5 "$(cap 20)" nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
 timeout -k 5 "$(cap 60)" "$PY" -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-if ! timeout -k 5 "$(cap 60)" "$PY" -c "import lightning_mpipemoe.kernels" 2>/dev/null; then
+if ! timeout -k 5 "$(cap 60)" "$PY" -c "import lightning_mpipemoe.kernels.api" 2>/dev/null; then
     # Editable install, offline and without dependencies: only maps the package folders.
     timeout -k 5 "$(cap 90)" "$PY" -m pip install -q --no-deps --no-build-isolation -e . || { echo "cannot install the package"; exit 1; }
 fi
-timeout -k 5 "$(cap 60)" "$PY" -c "import lightning_mpipemoe.kernels as k; print('kernels from', k.__file__)"
+timeout -k 5 "$(cap 60)" "$PY" -c "import lightning_mpipemoe.kernels.api as k; print('kernels from', k.__file__)"
 XDIST=()
 if timeout -k 5 "$(cap 60)" "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi  # parallel Triton compiles
 

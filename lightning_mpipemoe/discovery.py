@@ -133,7 +133,7 @@ class HFModelKind:
     def claims(self, module: nn.Module) -> bool:
         from transformers import PreTrainedModel
 
-        from lightning_mpipemoe.hf_models import UnsupportedModelError, adapter_for
+        from lightning_mpipemoe.hf_models.api import UnsupportedModelError, adapter_for
 
         if not isinstance(module, PreTrainedModel):
             return False
@@ -150,14 +150,14 @@ class HFModelKind:
         return []
 
     def shard(self, module: nn.Module, groups: MoEProcessGroups, overrides: dict[str, Any]) -> None:
-        from lightning_mpipemoe.hf_models import convert_model
+        from lightning_mpipemoe.hf_models.api import convert_model
 
         views = self.executors(module)
         base = next(iter(views.values())).config if views else ExecutorConfig()
         convert_model(module, groups, _with_overrides(base, overrides))
 
     def expert_parameters(self, module: nn.Module) -> dict[str, int]:
-        from lightning_mpipemoe.hf_models import sharded_expert_keys
+        from lightning_mpipemoe.hf_models.api import sharded_expert_keys
 
         params = dict(module.named_parameters())
         keys = sharded_expert_keys(module)
@@ -177,7 +177,7 @@ class HFModelKind:
         return views
 
     def to_unconverted(self, module: nn.Module, full_state_dict: dict) -> dict:
-        from lightning_mpipemoe.hf_models import to_hf_state_dict
+        from lightning_mpipemoe.hf_models.api import to_hf_state_dict
 
         return to_hf_state_dict(module, full_state_dict)
 

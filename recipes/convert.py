@@ -61,7 +61,7 @@ def convert_checkpoint(
     """
     from transformers import AutoConfig
 
-    from lightning_mpipemoe.hf_models import export_from_state_dicts
+    from lightning_mpipemoe.hf_models.api import export_from_state_dicts
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not is_mpipemoe_checkpoint(checkpoint):

@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from lightning_mpipemoe.recipes.data import TextDataModule
+from lightning_mpipemoe.recipes.finetune import CONFIG_DIR
 from lightning_mpipemoe.recipes.module import heldout_loss_sums
 
 __all__ = ["evaluate_directory", "main"]
@@ -68,7 +69,7 @@ def evaluate_directory(
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(sums[1])}
 
 
-@hydra.main(version_base="1.3", config_path="pkg://lightning_mpipemoe.conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Entry point of `python -m lightning_mpipemoe.recipes.evaluate`."""
     try:

@@ -47,7 +47,10 @@ if TYPE_CHECKING:
 __all__ = ["RecipeError", "Prepared", "main", "prepare", "run"]
 
 PROG = "mpipemoe-finetune"
-CONFIG_MODULE = "lightning_mpipemoe.conf"
+#: The config folder, found beside this package's folder (the repository's `conf/`, installed as
+#: `lightning_mpipemoe/conf`). It has no `__init__.py`, so that it never shadows an installed
+#: `conf` package from a clone's root, which rules out Hydra's `pkg://` source (it wants one).
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 CONFIG_NAME = "finetune"
 #: Environment variables Lightning's subprocess launcher sets in the launching process.
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")
@@ -120,7 +123,7 @@ def _model_dir(cfg: DictConfig) -> Path:
 
 def _check_layout(cfg: DictConfig, hf_config: dict) -> None:
     from lightning_mpipemoe.groups import check_parallel_sizes
-    from lightning_mpipemoe.hf_models import covered_model_types
+    from lightning_mpipemoe.hf_models.api import covered_model_types
 
     model_type = hf_config.get("model_type")
     if model_type not in covered_model_types():
@@ -238,7 +241,7 @@ def _export(prepared: Prepared, export_dir: Path) -> Path | None:
     """Collective: a plain Hugging Face directory of the fine-tuned model (written by rank 0)."""
     from transformers import AutoConfig
 
-    from lightning_mpipemoe.hf_models import export_from_state_dicts
+    from lightning_mpipemoe.hf_models.api import export_from_state_dicts
 
     strategy = prepared.trainer.strategy
     full = strategy.consolidated_state_dict()  # every expert, on EP rank 0 of each EP group
@@ -360,7 +363,7 @@ def run(cfg: DictConfig) -> dict | None:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME)
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=CONFIG_NAME)
 def main(cfg: DictConfig) -> None:
     """Entry point of `python -m lightning_mpipemoe.recipes.finetune` and `mpipemoe-finetune`."""
     run(cfg)

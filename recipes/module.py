@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from lightning_mpipemoe.config import ExecutorConfig
-from lightning_mpipemoe.hf_models import load_sharded
+from lightning_mpipemoe.hf_models.api import load_sharded
 from lightning_mpipemoe.hf_models.lightning_modules import MoECausalLMModule, MoESeq2SeqModule
 
 __all__ = ["CausalLMFineTune", "Seq2SeqFineTune", "heldout_loss_sums"]

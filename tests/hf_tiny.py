@@ -252,7 +252,7 @@ def check_against_hf(
     `gradient_checkpointing_enable`). Returns what was compared.
     """
     from lightning_mpipemoe.groups import MoEProcessGroups
-    from lightning_mpipemoe.hf_models import convert_model, routing_stats, sharded_expert_keys
+    from lightning_mpipemoe.hf_models.api import convert_model, routing_stats, sharded_expert_keys
 
     groups = groups or MoEProcessGroups.local()
     world, rank = groups.ep_size, groups.ep_rank

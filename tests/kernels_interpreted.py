@@ -25,7 +25,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from kernels_helpers import assert_close, make_routing, poisoned_empty  # noqa: E402
 
-from lightning_mpipemoe import kernels  # noqa: E402
+from lightning_mpipemoe.kernels import api as kernels  # noqa: E402
 from lightning_mpipemoe.kernels import triton_permute  # noqa: E402
 from lightning_mpipemoe.kernels.triton_backend import TritonBackend  # noqa: E402
 

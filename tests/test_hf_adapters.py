@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from lightning_mpipemoe import ExecutorConfig
-from lightning_mpipemoe.hf_models import (
+from lightning_mpipemoe.hf_models.api import (
     EXPERTS_IMPLEMENTATION,
     LoadReport,
     UnsupportedExpertsLayout,
@@ -371,7 +371,7 @@ def test_lightning_modules(family, tmp_path):
     """One Lightning fit step: the module's loss is HF's (LM loss + coef x router losses); metrics logged."""
     import lightning.pytorch as pl
 
-    from lightning_mpipemoe.hf_models import MoECausalLMModule, MoESeq2SeqModule
+    from lightning_mpipemoe.hf_models.api import MoECausalLMModule, MoESeq2SeqModule
 
     model = convert_model(tiny_model(family))
     cls = MoESeq2SeqModule if is_seq2seq(family) else MoECausalLMModule

@@ -48,7 +48,7 @@ def _equivalence_worker(rank: int, world_size: int, extra: bool) -> None:
     # bf16 weights: runs, and stays within bf16 rounding of HF.
     batch = tiny_batch("mixtral", seed=rank)
     ref = tiny_model("mixtral").to(torch.bfloat16)
-    from lightning_mpipemoe.hf_models import convert_model
+    from lightning_mpipemoe.hf_models.api import convert_model
 
     model = convert_model(tiny_model("mixtral").to(torch.bfloat16), groups)
     out = model(**batch)
@@ -84,7 +84,7 @@ def _sync_grads(model, groups, sharded_keys) -> None:
 def _round_trip_worker(rank: int, world_size: int, root: str) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from lightning_mpipemoe.hf_models import LoadReport, export_pretrained, load_sharded, sharded_expert_keys
+    from lightning_mpipemoe.hf_models.api import LoadReport, export_pretrained, load_sharded, sharded_expert_keys
 
     root = Path(root)
     groups = build_process_groups(world_size)

@@ -16,7 +16,6 @@ import re
 import shlex
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 
 import lightning_mpipemoe  # noqa: F401  isort: skip  (before transformers; see tests/hf_tiny.py)
@@ -24,7 +23,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -32,12 +31,11 @@ from safetensors.torch import load_file
 from lightning_mpipemoe.recipes.convert import main as convert_main
 from lightning_mpipemoe.recipes.data import IGNORE_INDEX, TextDataModule, make_blocks, read_documents
 from lightning_mpipemoe.recipes.evaluate import evaluate_directory
-from lightning_mpipemoe.recipes.finetune import prepare
+from lightning_mpipemoe.recipes.finetune import CONFIG_DIR, prepare
 from lightning_mpipemoe.recipes.module import heldout_loss_sums
 from lightning_mpipemoe.recipes.tiny_checkpoint import SPEC_FILE, TinySpec, ensure_tiny_checkpoint
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
 
-CONF = "lightning_mpipemoe.conf"
 GROUPS = ("model", "data", "trainer", "strategy", "optim", "experiment")
 FINETUNE = [sys.executable, "-m", "lightning_mpipemoe.recipes.finetune"]
 ERROR = "mpipemoe-finetune: error:"
@@ -46,12 +44,12 @@ QUIET = ["trainer.enable_progress_bar=false"]
 
 
 def _conf_files() -> list[Path]:
-    root = Path(str(resources.files(CONF)))
+    root = Path(CONFIG_DIR)
     return sorted(root.rglob("*.yaml"))
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in Path(str(resources.files(CONF))).joinpath(group).glob("*.yaml"))
+    return sorted(p.stem for p in Path(CONFIG_DIR).joinpath(group).glob("*.yaml"))
 
 
 def _env() -> dict[str, str]:
@@ -66,7 +64,7 @@ def _run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Complet
 def cache(tmp_path_factory) -> Path:
     """A models cache holding the default tiny checkpoint, generated once for the module."""
     root = tmp_path_factory.mktemp("cache")
-    with initialize_config_module(config_module=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("finetune", overrides=[f"paths.cache={root}"])
         ensure_tiny_checkpoint(cfg.model.path, TinySpec(**cfg.model.generate))
     return root
@@ -87,7 +85,7 @@ def seed_env():
 def _option_overrides(group: str, option: str, tiny: Path, tmp: Path) -> list[str]:
     """What an option needs to instantiate on this CPU machine (no GPUs, no real checkpoints)."""
     overrides = [f"{group}={option}", f"output_dir={tmp}"]
-    with initialize_config_module(config_module=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("finetune", overrides=overrides)
     if OmegaConf.is_missing(cfg.model, "path"):
         overrides.append(f"model.path={tiny}")
@@ -107,7 +105,7 @@ def test_every_config_composes_and_instantiates(group, cache, tmp_path, seed_env
     assert options, f"conf/{group}/ is empty"
     for option in options:
         overrides = _option_overrides(group, option, tiny, tmp_path)
-        with initialize_config_module(config_module=CONF, version_base="1.3"):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("finetune", overrides=overrides)
         if cfg.model.generate is not None:
             TinySpec(**cfg.model.generate)
@@ -117,7 +115,7 @@ def test_every_config_composes_and_instantiates(group, cache, tmp_path, seed_env
             data = instantiate(cfg.data, tokenizer=str(tiny), task="causal_lm")
             with pytest.raises(ImportError, match=re.escape("lightning-mpipemoe[data]")):
                 data.check()
-            with initialize_config_module(config_module=CONF, version_base="1.3"):
+            with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
                 cfg = compose("finetune", overrides=[*overrides, "data.format=text"])
         prepared = prepare(cfg)  # model module, data, strategy, trainer, loggers, callbacks
         assert isinstance(prepared.trainer.strategy, MPipeMoEStrategy), option
@@ -132,7 +130,7 @@ def test_every_config_composes_and_instantiates(group, cache, tmp_path, seed_env
 def test_evaluate_config_composes_and_instantiates(cache):
     tiny = cache / "models" / "mixtral_tiny"
     for data in _options("data"):
-        with initialize_config_module(config_module=CONF, version_base="1.3"):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("evaluate", overrides=[f"model_dir={tiny}", f"data={data}", "data.train_files=[x.txt]"])
         assert isinstance(instantiate(cfg.data, tokenizer=str(tiny)), TextDataModule)
 
@@ -149,7 +147,7 @@ def test_every_yaml_begins_with_the_command_that_launches_it(path):
     assert recipe is not None and command[recipe - 1] == "-m", f"{path.name}: {first!r} does not run a recipe"
     config_name = command[recipe].rsplit(".", 1)[1]
     overrides = [w for w in command[recipe + 1 :] if "=" in w and not w.startswith("-")]
-    with initialize_config_module(config_module=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name, overrides=overrides)  # the command's overrides compose
     if path.parent.name in GROUPS:
         assert f"{path.parent.name}={path.stem}" in overrides, f"{path.name}: the command does not select it: {first!r}"

@@ -165,7 +165,7 @@ def test_discovery_finds_moe_layers_and_hf_models():
 
     from lightning_mpipemoe.discovery import find_moe_units
     from lightning_mpipemoe.groups import MoEProcessGroups
-    from lightning_mpipemoe.hf_models import UnsupportedModelError
+    from lightning_mpipemoe.hf_models.api import UnsupportedModelError
     from tests.hf_tiny import tiny_model
 
     tiny = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1}

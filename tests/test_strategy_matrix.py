@@ -192,7 +192,7 @@ def _hf_model(rank: int, root: Path) -> None:
     the checkpoint consolidates and exports to a plain transformers directory."""
     from transformers import MixtralForCausalLM
 
-    from lightning_mpipemoe.hf_models import MoECausalLMModule, export_from_state_dicts
+    from lightning_mpipemoe.hf_models.api import MoECausalLMModule, export_from_state_dicts
     from tests.hf_tiny import tiny_batch, tiny_model
 
     steps, lr = 2, 1e-2

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from lightning_mpipemoe import kernels
+from lightning_mpipemoe.kernels import api as kernels
 from lightning_mpipemoe.config import RESTORE_STRATEGIES, SimulatedLink
 from lightning_mpipemoe.moe.comm import Lanes, LinkClock, start_all_to_all, wire_bytes
 from lightning_mpipemoe.moe.dispatch import group_size

@@ -18,7 +18,7 @@ import torch
 from torch.distributed import ProcessGroup
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from lightning_mpipemoe import kernels
+from lightning_mpipemoe.kernels import api as kernels
 from lightning_mpipemoe.config import ExecutorConfig, SimulatedLink
 from lightning_mpipemoe.moe.comm import linked_all_to_all
 from lightning_mpipemoe.moe.dispatch import DispatchPlan, check_routing, group_size, plan_dispatch

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from lightning_mpipemoe import kernels
+from lightning_mpipemoe.kernels import api as kernels
 
 __all__ = ["ExpertWeights", "expert_ffn", "expert_input_projection", "expert_activation", "expert_output_projection"]
 

@@ -35,7 +35,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
-from lightning_mpipemoe import kernels
+from lightning_mpipemoe.kernels import api as kernels
 from lightning_mpipemoe.config import SimulatedLink
 from lightning_mpipemoe.moe.buffers import BufferPool
 from lightning_mpipemoe.moe.comm import Lanes, LinkClock, start_all_to_all

@@ -10,10 +10,13 @@
 - `MoECausalLMModule`, `MoESeq2SeqModule`: LightningModules for fine-tuning (imported lazily,
   so that `import lightning_mpipemoe` does not pull in Lightning).
 
-Importing this package registers the `"mpipemoe"` experts implementation with transformers.
+Importing this module registers the `"mpipemoe"` experts implementation with transformers.
+The `hf_models/` folder has no `__init__.py` (it installs as the namespace package
+`lightning_mpipemoe.hf_models`, so it never shadows an installed `hf_models` from a clone's
+root); its public names live here: `from lightning_mpipemoe.hf_models.api import ...`.
 """
 
-from .checkpoint_io import (
+from lightning_mpipemoe.hf_models.checkpoint_io import (
     LoadReport,
     consolidate_state_dicts,
     export_from_state_dicts,
@@ -22,15 +25,15 @@ from .checkpoint_io import (
     load_sharded,
     to_hf_state_dict,
 )
-from .experts_interface import (
+from lightning_mpipemoe.hf_models.experts_interface import (
     EXPERTS_IMPLEMENTATION,
     ExecutorBinding,
     UnsupportedExpertsLayout,
     mpipemoe_experts_forward,
     register_experts_implementation,
 )
-from .mixtral_style import MixtralStyleAdapter
-from .registry import (
+from lightning_mpipemoe.hf_models.mixtral_style import MixtralStyleAdapter
+from lightning_mpipemoe.hf_models.registry import (
     UnsupportedModelError,
     adapter_for,
     convert_model,
@@ -39,7 +42,7 @@ from .registry import (
     routing_stats,
     sharded_expert_keys,
 )
-from .switch import SwitchAdapter
+from lightning_mpipemoe.hf_models.switch import SwitchAdapter
 
 _LAZY = {"MoECausalLMModule", "MoESeq2SeqModule", "MoEFineTuneModule"}
 
@@ -71,7 +74,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from . import lightning_modules
+        from lightning_mpipemoe.hf_models import lightning_modules
 
         return getattr(lightning_modules, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
