@@ -287,8 +287,10 @@ class MPipeMoEStrategy(DDPStrategy):
             self._grad_reducer.detach()
         self._grad_reducer = None
         if self._expert_params:
+            # Registration order (the same on every rank): backward produces the gradients roughly
+            # in its reverse, which is the order the buckets are filled and started in.
             self._grad_reducer = ExpertGradReducer(
-                self._expert_params,
+                [p for k, p in named.items() if k in self._expert_keys and p.requires_grad],
                 self.moe_groups,
                 bucket_bytes=self._bucket_bytes,
                 reduce_in_fp32=self._grads_in_fp32,

@@ -89,6 +89,11 @@ class CopyFences:
     That keeps the buffers fixed (the memory of one slot, not one per partition in flight)
     without `record_stream`, which lets the allocator hand out fresh blocks instead. On CPU
     copies are synchronous: the events are None and settling only does the bookkeeping.
+
+    The price on CUDA: the forward drops T_DI right after the GEMM that reads it, so compute
+    waits there for T_DI's device-to-host copy; T_M's copy overlaps the activation. (Keeping
+    T_DI one step longer would hide its copy too, at one more T_DI buffer than the analytic
+    model's schedule.)
     """
 
     def __init__(self) -> None:
