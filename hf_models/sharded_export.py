@@ -245,7 +245,9 @@ def export_sharded(
         written: list[str] = []
         weight_map: dict[str, str] = {}
         total = 0
-        if groups.expert_dp_rank == 0:  # one data-parallel replica writes the experts
+        # One data-parallel replica writes the experts (with groups of one process on a larger
+        # world, e.g. plain DDP, every rank holds all of them: rank 0 writes).
+        if groups.expert_dp_rank == 0 and (groups.ep_size > 1 or rank == 0):
             fused = []
             name = expert_file(groups.ep_rank, groups.ep_size)
             expert_groups = []

@@ -46,6 +46,8 @@ def _export_worker(rank: int, world_size: int, root: str) -> None:
         per_gather = 1 + world_size if rank == 0 else 1
         assert len(gathers) == (0 if original else sharded * per_gather), (name, calls)
         assert all(not c.mismatched for c in calls), calls
+    # Two processes that each hold the whole model (plain DDP: no EP groups): rank 0 writes it.
+    export_pretrained(convert_model(tiny_model("mixtral")).eval(), root / "replicated")
 
 
 def _sharded_keys(model) -> dict:
@@ -90,6 +92,15 @@ def test_two_rank_export_loads_with_plain_transformers(tmp_path):
         with torch.no_grad():
             logits = plain(**batch).logits
         torch.testing.assert_close(logits, torch.load(tmp_path / f"{name}.expected.pt"), atol=1e-5, rtol=0)
+
+
+    index = json.loads((tmp_path / "replicated" / INDEX_FILE).read_text())
+    assert sorted({*index["weight_map"].values()}) == ["model-ep00000-of-00001.safetensors", "model-shared.safetensors"]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "replicated").eval()
+    batch = tiny_batch("mixtral", seed=3)
+    with torch.no_grad():
+        logits = plain(**batch).logits
+    torch.testing.assert_close(logits, torch.load(tmp_path / "mixtral-original.expected.pt"), atol=1e-5, rtol=0)
 
 
 def _expert_index(key: str) -> int:
