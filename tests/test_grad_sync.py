@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning_mpipemoe  # noqa: F401  isort: skip
 import lightning.pytorch as pl
 import pytest
+from lightning.pytorch.callbacks import Callback
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -176,7 +177,11 @@ def test_ep2_dp2_gradient_accumulation_matches_single_process(tmp_path):
     step): the expert buckets reduce on the last micro-batch only; the losses and final
     weights equal one process on the 8-sequence global batches."""
     strategy = MPipeMoEStrategy(
-        expert_parallel_size=2, start_method="spawn", timeout=TIMEOUT, expert_bucket_bytes=4096
+        expert_parallel_size=2,
+        start_method="spawn",
+        timeout=TIMEOUT,
+        checkpoint_timeout=CHECKPOINT_TIMEOUT,
+        expert_bucket_bytes=4096,
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -190,7 +195,7 @@ def test_ep2_dp2_gradient_accumulation_matches_single_process(tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[_AccumulationLosses(tmp_path / "losses.jsonl")],
+        callbacks=[_AccumulationLosses(tmp_path / "losses.jsonl"), _CheckGroupTimeouts()],
     )
     model = TinyMoELM(**HPARAMS)
     trainer.fit(model, loader(1, TokenDataset(n=ACC_DATA)))
@@ -203,6 +208,22 @@ def test_ep2_dp2_gradient_accumulation_matches_single_process(tmp_path):
     assert set(state) == set(reference["state"])
     for key, value in reference["state"].items():
         torch.testing.assert_close(state[key], value, atol=TOL, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+CHECKPOINT_TIMEOUT = timedelta(minutes=7)
+
+
+class _CheckGroupTimeouts(Callback):
+    """The collectives fail fast; checkpoint barriers have their own group and limit."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        strategy = trainer.strategy
+
+        def timeout(group):
+            return group._get_backend(torch.device("cpu")).options._timeout
+
+        assert timeout(strategy.moe_groups.expert_dp) == TIMEOUT
+        assert timeout(strategy.checkpoint_group) == CHECKPOINT_TIMEOUT
 
 
 class _AccumulationLosses(LossRecorder):
