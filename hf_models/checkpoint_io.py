@@ -9,10 +9,13 @@ transformers' own conversion mapping turns into the fused layout. A `LoadReport`
 bytes each rank asked the files for (safetensors memory-maps the files, so what the OS pages
 in follows these slices).
 
-Export: expert shards are concatenated along dim 0 in EP-rank order (`consolidate_state_dicts`
-offline, `gather_full_state_dict` live), mapped back to HF-native keys by the adapter, and
-written by transformers' own `save_pretrained` from a meta-device skeleton of the unmodified
-model class, into a temporary directory that replaces the target only once complete.
+Export, live (`export_pretrained`): each EP rank writes its own experts, global rank 0 the
+rest and the index (`sharded_export.py`); no process holds more than its shard plus one
+tensor. Offline (`export_from_state_dicts`, from checkpoint files in one process): expert
+shards are concatenated along dim 0 in EP-rank order (`consolidate_state_dicts`), mapped back
+to HF-native keys by the adapter, and written by transformers' own `save_pretrained` from a
+meta-device skeleton of the unmodified model class. Both write into a temporary directory
+that replaces the target only once complete.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
+from torch.distributed import ProcessGroup
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
@@ -44,11 +48,13 @@ from transformers.core_model_loading import (
     rename_source_key,
 )
 
+from lightning_mpipemoe import collectives
 from lightning_mpipemoe.atomic_dir import commit_directory, new_token, temporary_directory
 from lightning_mpipemoe.config import ExecutorConfig
 from lightning_mpipemoe.groups import MoEProcessGroups
 
 from .registry import ADAPTER_ATTR, adapter_for, convert_model
+from .sharded_export import export_sharded
 
 __all__ = [
     "TOKENIZER_FILES",
@@ -349,7 +355,10 @@ def consolidate_state_dicts(shards: Sequence[Mapping[str, torch.Tensor]], sharde
 
 
 def gather_full_state_dict(model: nn.Module, groups: MoEProcessGroups | None = None, *, dst_ep_rank: int = 0):
-    """Collective over `groups.ep`: the full (consolidated) state dict on EP rank `dst_ep_rank`, None elsewhere."""
+    """Collective over `groups.ep`: the full (consolidated) state dict on EP rank `dst_ep_rank`,
+    None elsewhere. The whole model in one process: for tests and small models; exports use
+    `export_pretrained`, where each rank writes its own experts. The expert tensors travel one
+    parameter at a time and land on the CPU (the device holds one gathered parameter at most)."""
     groups = groups or MoEProcessGroups.local()
     adapter = getattr(model, ADAPTER_ATTR, None) or adapter_for(model)
     sharded = adapter.sharded_keys(model)
@@ -362,9 +371,10 @@ def gather_full_state_dict(model: nn.Module, groups: MoEProcessGroups | None = N
     for key in sorted(sharded):
         shard = local[key].contiguous()
         pieces = [torch.empty_like(shard) for _ in range(groups.ep_size)] if mine else None
-        dist.gather(shard, pieces, dst=dst, group=groups.ep)
+        collectives.gather(shard, pieces, dst=dst, group=groups.ep, site="checkpoint_io.gather_full_state_dict")
         if mine:
-            gathered[key] = pieces
+            gathered[key] = [piece.cpu() for piece in pieces]
+            del pieces
     if not mine:
         return None
     shards = [
@@ -434,26 +444,36 @@ def export_pretrained(
     *,
     tokenizer_dir: str | os.PathLike | None = None,
     overwrite: bool = True,
-    max_shard_size: str = "5GB",
-) -> Path | None:
-    """Collective over the EP group: write a plain-transformers `save_pretrained` directory.
+    barrier_group: ProcessGroup | None = None,
+    save_original_format: bool = True,
+) -> Path:
+    """Collective over every rank: write a directory that plain transformers loads
+    (`from_pretrained`), each EP rank writing its own experts and global rank 0 the rest, the
+    config and the index (`sharded_export.export_sharded`); no rank gathers the model.
 
-    Global rank 0 (or the only process) writes; the tokenizer files of `tokenizer_dir`
-    (default: the directory `load_sharded` read) are copied alongside. Returns the directory
-    on the writing rank, None elsewhere.
+    The tokenizer files of `tokenizer_dir` (default: the directory `load_sharded` read) are
+    copied alongside. `barrier_group`: the group of the export's barriers (default the world;
+    give it a generous timeout, e.g. `MPipeMoEStrategy.checkpoint_group`). `save_original_format`:
+    as in transformers' `save_pretrained`. Returns `out_dir` (on every rank).
     """
-    full = gather_full_state_dict(model, groups)
-    writer = full is not None and (not dist.is_initialized() or dist.get_rank() == 0)
-    result = None
-    if writer:
-        tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else getattr(model, SOURCE_DIR_ATTR, None)
-        hf_sd = to_hf_state_dict(model, full)
-        result = _write_export(
-            model.config, _hf_class_of(model), hf_sd, Path(out_dir), tokenizer_dir, overwrite, max_shard_size
-        )
-    if dist.is_initialized() and groups is not None and groups.dp is not None:
-        dist.barrier(group=groups.dp)
-    return result
+    tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else getattr(model, SOURCE_DIR_ATTR, None)
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    config = _clean_config(model.config)
+    with torch.device("meta"):
+        skeleton = _hf_class_of(model)._from_config(copy.deepcopy(config), dtype=dtype)
+    return export_sharded(
+        model,
+        out_dir,
+        groups,
+        config=skeleton.config,
+        skeleton=skeleton,
+        tokenizer_dir=tokenizer_dir,
+        overwrite=overwrite,
+        barrier_group=barrier_group,
+        tokenizer_files=TOKENIZER_FILES,
+        save_original_format=save_original_format,
+    )
 
 
 def export_from_state_dicts(

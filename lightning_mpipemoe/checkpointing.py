@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,20 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from torch import nn
+from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
 
+from lightning_mpipemoe import collectives
 from lightning_mpipemoe.groups import MoEProcessGroups
 
 __all__ = [
+    "DEFAULT_CHECKPOINT_TIMEOUT",
     "FORMAT_VERSION",
     "META_FILE",
     "SECTION",
     "assemble_checkpoint",
+    "build_checkpoint_group",
+    "checkpoint_barrier",
     "consolidate_checkpoint",
     "expert_rows",
     "gather_full_state_dict",
@@ -58,6 +64,27 @@ __all__ = [
 FORMAT_VERSION = 1
 META_FILE = "meta.ckpt"
 SECTION = "mpipemoe"
+#: How long a checkpoint barrier waits for the slowest writer (multi-GB shards on a shared
+#: filesystem), apart from the short timeout that makes a dead peer end a collective soon.
+DEFAULT_CHECKPOINT_TIMEOUT = timedelta(minutes=60)
+
+
+def build_checkpoint_group(timeout: timedelta = DEFAULT_CHECKPOINT_TIMEOUT) -> ProcessGroup | None:
+    """A group over the world for the barriers around checkpoint and export writes, with its
+    own generous `timeout`. Gloo (host side): a barrier carries no tensor, and a gloo group's
+    timeout is its own, whatever watchdog the device groups have. Collective: every rank calls
+    it, once, at setup. None without torch.distributed."""
+    if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
+        raise TypeError(f"the checkpoint timeout must be a positive datetime.timedelta, got {timeout!r}")
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def checkpoint_barrier(group: ProcessGroup | None, site: str) -> None:
+    """A barrier on the checkpoint group (`build_checkpoint_group`); nothing in one process."""
+    if dist.is_available() and dist.is_initialized():
+        collectives.barrier(group=group, site=site)
 
 
 def shard_file(ep_rank: int, ep_size: int) -> str:
@@ -310,7 +337,11 @@ def gather_full_state_dict(
 ) -> dict[str, torch.Tensor] | None:
     """Collective over `groups.ep`: `module`'s state dict with every expert (concatenated in
     EP-rank order) on EP rank `dst_ep_rank`; None on the other ranks. `device`: where the
-    shards travel (the backend's device; the module may have been moved to the CPU)."""
+    shards travel (the backend's device; the module may have been moved to the CPU).
+
+    The whole model in one process (the spawn launcher hands it to the main process; tests):
+    the experts travel one parameter at a time and land on the CPU at once, so the device
+    holds one gathered parameter at most. Exports do not gather (`hf_models.export_pretrained`)."""
     local = {k: v.detach() for k, v in module.state_dict().items()}
     if groups.ep_size == 1 or not expert_keys:
         return local
@@ -319,7 +350,9 @@ def gather_full_state_dict(
     for key in sorted(expert_keys):
         shard = local[key].to(device or local[key].device).contiguous()
         pieces = [torch.empty_like(shard) for _ in range(groups.ep_size)] if mine else None
-        dist.gather(shard, pieces, dst=dst, group=groups.ep)
+        collectives.gather(shard, pieces, dst=dst, group=groups.ep, site="checkpointing.gather_full_state_dict")
+        del shard
         if mine:
-            local[key] = torch.cat(pieces).to(local[key].device)
+            local[key] = torch.cat([piece.cpu() for piece in pieces])
+            del pieces
     return local if mine else None

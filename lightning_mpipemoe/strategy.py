@@ -56,8 +56,11 @@ from typing_extensions import override
 
 from lightning_mpipemoe.atomic_dir import commit_directory, fsync_files, new_token, remove_stale, temporary_directory
 from lightning_mpipemoe.checkpointing import (
+    DEFAULT_CHECKPOINT_TIMEOUT,
     META_FILE,
     SECTION,
+    build_checkpoint_group,
+    checkpoint_barrier,
     gather_full_state_dict,
     optimizer_state_by_index,
     optimizer_state_by_name,
@@ -67,7 +70,7 @@ from lightning_mpipemoe.checkpointing import (
 )
 from lightning_mpipemoe.config import SimulatedLink, executor_overrides
 from lightning_mpipemoe.discovery import ExecutorView, MoEUnit, find_moe_units, load_executor_state, read_executor_state
-from lightning_mpipemoe.grad_sync import clip_grad_norm_, reduce_expert_gradients
+from lightning_mpipemoe.grad_sync import DEFAULT_BUCKET_BYTES, ExpertGradReducer, clip_grad_norm_
 from lightning_mpipemoe.groups import DEFAULT_TIMEOUT, MoEProcessGroups, build_process_groups, check_parallel_sizes
 from lightning_mpipemoe.moe_metrics import moe_step_metrics
 
@@ -110,8 +113,14 @@ class MPipeMoEStrategy(DDPStrategy):
             all-to-all also crosses, for schedule studies on CPU.
         timeout: timeout of the default process group and of every MoE process group
             (default 5 minutes, not torch's 30: a dead peer ends the run with an error soon).
+        checkpoint_timeout: timeout of the barriers around checkpoint and export writes (a
+            group of their own, `checkpoint_group`; default 60 minutes: multi-GB writes).
         log_moe_metrics: "layer" (per-layer routing and executor metrics), "expert" (also the
             tokens of every expert) or "off".
+        expert_bucket_bytes: size of one expert-gradient all-reduce over the expert-dp group
+            (buckets start during backward, as DDP's do; `grad_sync.ExpertGradReducer`).
+        expert_grads_in_fp32: reduce low-precision expert gradients through an fp32 copy of
+            one bucket at a time (default: in the gradients' own dtype, in place).
         start_method: "popen" (scripts, torchrun, SLURM; registered as "mpipemoe") or "spawn"
             (registered as "mpipemoe_spawn").
         **kwargs: DDPStrategy's arguments (`find_unused_parameters`, `static_graph`, comm
@@ -126,7 +135,10 @@ class MPipeMoEStrategy(DDPStrategy):
         memory_budget: int | float | None = None,
         simulated_link: SimulatedLink | Mapping[str, float] | None = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
+        checkpoint_timeout: timedelta = DEFAULT_CHECKPOINT_TIMEOUT,
         log_moe_metrics: Literal["layer", "expert", "off"] = "layer",
+        expert_bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        expert_grads_in_fp32: bool = False,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -152,8 +164,12 @@ class MPipeMoEStrategy(DDPStrategy):
             )
         if log_moe_metrics not in _LOG_LEVELS:
             raise ValueError(f"log_moe_metrics must be one of {_LOG_LEVELS}, got {log_moe_metrics!r}")
+        if isinstance(expert_bucket_bytes, bool) or not isinstance(expert_bucket_bytes, int) or expert_bucket_bytes < 1:
+            raise ValueError(f"expert_bucket_bytes must be a positive int, got {expert_bucket_bytes!r}")
         if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
             raise TypeError(f"timeout must be a positive datetime.timedelta, got {timeout!r}")
+        if not isinstance(checkpoint_timeout, timedelta) or checkpoint_timeout.total_seconds() <= 0:
+            raise TypeError(f"checkpoint_timeout must be a positive datetime.timedelta, got {checkpoint_timeout!r}")
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -175,6 +191,11 @@ class MPipeMoEStrategy(DDPStrategy):
         self._units: list[MoEUnit] = []
         self._expert_keys: dict[str, int] = {}
         self._expert_params: list[nn.Parameter] = []
+        self._bucket_bytes = expert_bucket_bytes
+        self._grads_in_fp32 = bool(expert_grads_in_fp32)
+        self._grad_reducer: ExpertGradReducer | None = None
+        self._checkpoint_timeout = checkpoint_timeout
+        self._checkpoint_group = None
 
     # ------------------------------------------------------------------------------ properties
 
@@ -189,6 +210,14 @@ class MPipeMoEStrategy(DDPStrategy):
         if self._groups is None:
             raise RuntimeError("the MoE process groups exist once the strategy's environment is set up")
         return self._groups
+
+    @property
+    def checkpoint_group(self):
+        """The group of the barriers around checkpoint and export writes (gloo, with
+        `checkpoint_timeout`), e.g. for `hf_models.export_pretrained(barrier_group=...)`."""
+        if self._groups is None:
+            raise RuntimeError("the checkpoint group exists once the strategy's environment is set up")
+        return self._checkpoint_group
 
     @property
     def expert_parameter_names(self) -> dict[str, int]:
@@ -238,6 +267,7 @@ class MPipeMoEStrategy(DDPStrategy):
         self._check_layout()  # before the rendezvous
         super().setup_environment()
         self._groups = build_process_groups(self.expert_parallel_size, timeout=self._timeout)
+        self._checkpoint_group = build_checkpoint_group(self._checkpoint_timeout)
         groups = self._groups
         rank_zero_info(
             f"MPipeMoEStrategy: {groups.world_size} ranks = expert_parallel_size {groups.ep_size} x "
@@ -253,6 +283,18 @@ class MPipeMoEStrategy(DDPStrategy):
         super().setup(trainer)
         named = dict(self.lightning_module.named_parameters())
         self._expert_params = [named[k] for k in sorted(self._expert_keys) if named[k].requires_grad]
+        if self._grad_reducer is not None:
+            self._grad_reducer.detach()
+        self._grad_reducer = None
+        if self._expert_params:
+            # Registration order (the same on every rank): backward produces the gradients roughly
+            # in its reverse, which is the order the buckets are filled and started in.
+            self._grad_reducer = ExpertGradReducer(
+                [p for k, p in named.items() if k in self._expert_keys and p.requires_grad],
+                self.moe_groups,
+                bucket_bytes=self._bucket_bytes,
+                reduce_in_fp32=self._grads_in_fp32,
+            ).attach()
         if any(hasattr(opt, "consolidate_state_dict") for opt in self.optimizers):
             raise ValueError(
                 "MPipeMoEStrategy does not support optimizers that shard their state (ZeroRedundancyOptimizer)"
@@ -333,10 +375,18 @@ class MPipeMoEStrategy(DDPStrategy):
         return not isinstance(self.model, DistributedDataParallel) or self.model.require_backward_grad_sync
 
     @override
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        super().pre_backward(closure_loss)
+        if self._grad_reducer is not None:
+            # Inside Lightning's `block_backward_sync` (accumulate_grad_batches: every micro-batch
+            # but the last) DDP's `no_sync` is on: the expert buckets then do not communicate either.
+            self._grad_reducer.start(sync=self._syncing_gradients())
+
+    @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
-        if self._expert_params and self._syncing_gradients():
-            reduce_expert_gradients(self._expert_params, self.moe_groups)
+        if self._grad_reducer is not None:
+            self._grad_reducer.finish()  # waits for the buckets started during backward
 
     def clip_grad_norm_(self, parameters: Iterable[nn.Parameter], max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Clip by the global gradient norm (all experts of all EP ranks and the replicated part);
@@ -431,7 +481,7 @@ class MPipeMoEStrategy(DDPStrategy):
         if self.is_global_zero:
             remove_stale(path)
             tmp.mkdir(parents=True)
-        self.barrier("mpipemoe.save_checkpoint.mkdir")
+        checkpoint_barrier(self._checkpoint_group, "strategy.save_checkpoint.mkdir")
         meta, shard = split_checkpoint(
             checkpoint, self._expert_keys, groups.ep_size, self.world_size, self._executor_state()
         )
@@ -444,10 +494,10 @@ class MPipeMoEStrategy(DDPStrategy):
             self.checkpoint_io.save_checkpoint(shard, tmp / name)
             written.append(name)
         fsync_files(tmp, written)
-        self.barrier("mpipemoe.save_checkpoint.written")
+        checkpoint_barrier(self._checkpoint_group, "strategy.save_checkpoint.written")
         if self.is_global_zero:
             commit_directory(tmp, path, token)
-        self.barrier("mpipemoe.save_checkpoint.committed")
+        checkpoint_barrier(self._checkpoint_group, "strategy.save_checkpoint.committed")
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -490,6 +540,9 @@ class MPipeMoEStrategy(DDPStrategy):
     @override
     def teardown(self) -> None:
         vars(self.precision_plugin).pop("clip_grad_by_norm", None)
+        if self._grad_reducer is not None:
+            self._grad_reducer.detach()
+            self._grad_reducer = None
         super().teardown()  # the MoE groups stay: the spawn launcher gathers the experts after teardown
 
     @classmethod

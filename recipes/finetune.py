@@ -238,20 +238,18 @@ def _child_command() -> None:
 
 
 def _export(prepared: Prepared, export_dir: Path) -> Path | None:
-    """Collective: a plain Hugging Face directory of the fine-tuned model (written by rank 0)."""
-    from transformers import AutoConfig
-
-    from lightning_mpipemoe.hf_models.api import export_from_state_dicts
+    """Collective: a plain Hugging Face directory of the fine-tuned model, each EP rank writing
+    its own experts (no rank gathers the model; `hf_models.export_pretrained`)."""
+    from lightning_mpipemoe.hf_models.api import export_pretrained
 
     strategy = prepared.trainer.strategy
-    full = strategy.consolidated_state_dict()  # every expert, on EP rank 0 of each EP group
-    written = None
-    if strategy.is_global_zero:
-        state = {k[len("model.") :]: v.detach().cpu() for k, v in full.items() if k.startswith("model.")}
-        hf_config = AutoConfig.from_pretrained(prepared.model_dir)
-        written = export_from_state_dicts([state], hf_config, export_dir, tokenizer_dir=prepared.model_dir)
-    strategy.barrier("mpipemoe-finetune.export")
-    return written
+    return export_pretrained(
+        prepared.module.model,
+        export_dir,
+        getattr(strategy, "moe_groups", None),
+        tokenizer_dir=prepared.model_dir,
+        barrier_group=getattr(strategy, "checkpoint_group", None),
+    )
 
 
 def _summary(prepared: Prepared, before: dict, after: dict, seconds: float, export_dir: Path | None) -> dict:

@@ -363,7 +363,7 @@ def test_export_never_clobbers_a_good_export(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "tok"]  # no temporary left behind
     export_pretrained(model, out, tokenizer_dir=tokenizer_dir)
     assert (out / "tokenizer.json").read_text() == "{}"
-    assert {p.name: p.read_bytes() for p in out.iterdir()}["model.safetensors"] != before["model.safetensors"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()}["model-shared.safetensors"] != before["model-shared.safetensors"]
 
 
 @pytest.mark.parametrize("family", ["olmoe", "switch_transformers"])
