@@ -66,7 +66,7 @@ def cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cache")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("finetune", overrides=[f"paths.cache={root}"])
-        ensure_tiny_checkpoint(cfg.model.path, TinySpec(**cfg.model.generate))
+        ensure_tiny_checkpoint(cfg.model.path, TinySpec(**cfg.model.tiny))
     return root
 
 
@@ -107,8 +107,8 @@ def test_every_config_composes_and_instantiates(group, cache, tmp_path, seed_env
         overrides = _option_overrides(group, option, tiny, tmp_path)
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("finetune", overrides=overrides)
-        if cfg.model.generate is not None:
-            TinySpec(**cfg.model.generate)
+        if cfg.model.get("tiny") is not None:
+            TinySpec(**cfg.model.tiny)
         if cfg.data.format != "text" and not _has_datasets():
             # jsonl / parquet are read through `datasets` (an optional extra): the data module
             # builds, its check says what to install, and the rest is built with a text file.
