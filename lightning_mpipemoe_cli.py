@@ -258,8 +258,13 @@ def _check_expert_parallel_size(cfg, num_experts: int | None) -> None:
 def check_finetune_config(cfg) -> tuple[Path, bool]:
     """All checks that need no heavy import: numbers, the model directory, EP against the
     devices and the model's experts. Returns `model_directory(cfg)`."""
+    from omegaconf import OmegaConf
+
     check_numbers(cfg)
     path, generate = model_directory(cfg)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise RecipeError(f"{missing[0]} is required (??? in the config): give it on the command line, {missing[0]}=...")
     if generate:
         num_experts = cfg.model.tiny.get("num_experts")
     else:
@@ -282,28 +287,27 @@ def fail(prog: str, exc: BaseException | str) -> None:
 
 def discard_hydra_run_dir() -> None:
     """Remove what Hydra wrote for this job before its checks failed (`.hydra/`, the job log)
-    and the directories it created for it, so that a refused command leaves nothing behind.
-    Only files and empty folders newer than this process are touched."""
+    and the folders that are then empty (the run directory, and its parents below the working
+    directory), so that a refused command leaves nothing behind. Files older than this process
+    and folders that still hold anything are left alone."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    fresh = [run_dir / f".hydra/{n}.yaml" for n in ("config", "hydra", "overrides")]
-    fresh.append(run_dir / f"{hydra_cfg.job.name}.log")
-    for file in fresh:
+    run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+    written = [run_dir / ".hydra" / f"{name}.yaml" for name in ("config", "hydra", "overrides")]
+    written.append(run_dir / f"{hydra_cfg.job.name}.log")
+    for file in written:
         if file.is_file() and file.stat().st_mtime >= _STARTED - 1:
             file.unlink()
     cwd = Path.cwd().resolve()
-    for folder in (run_dir / ".hydra", run_dir, *run_dir.parents):
-        folder = folder.resolve()
-        if folder == cwd or not folder.is_relative_to(cwd) and folder != run_dir.resolve():
-            break
+    folders = [run_dir / ".hydra", run_dir, *(p for p in run_dir.parents if p.is_relative_to(cwd) and p != cwd)]
+    for folder in folders:
         try:
-            if folder.stat().st_ctime < _STARTED - 1:
-                break
             folder.rmdir()  # only when empty
+        except FileNotFoundError:
+            continue
         except OSError:
             break
 
