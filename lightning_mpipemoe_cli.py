@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -252,7 +251,18 @@ def _check_expert_parallel_size(cfg, num_experts: int | None) -> None:
         raise RecipeError(f"{where}: expert_parallel_size={ep} does not divide the world size {world}; valid: {valid}")
     if num_experts is not None and num_experts % ep:
         valid = [d for d in range(1, num_experts + 1) if num_experts % d == 0 and world % d == 0]
-        raise RecipeError(f"{where}: expert_parallel_size={ep} does not divide the {num_experts} experts; valid: {valid}")
+        raise RecipeError(
+            f"{where}: expert_parallel_size={ep} does not divide the {num_experts} experts; valid: {valid}"
+        )
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of the `???` values in a config container."""
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _missing_keys(value, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [k for index, value in enumerate(node) for k in _missing_keys(value, f"{prefix}{index}.")]
+    return [prefix[:-1]] if node == "???" else []
 
 
 def check_finetune_config(cfg) -> tuple[Path, bool]:
@@ -262,9 +272,10 @@ def check_finetune_config(cfg) -> tuple[Path, bool]:
 
     check_numbers(cfg)
     path, generate = model_directory(cfg)
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = _missing_keys(OmegaConf.to_container(cfg, resolve=False))  # no interpolation is resolved
     if missing:
-        raise RecipeError(f"{missing[0]} is required (??? in the config): give it on the command line, {missing[0]}=...")
+        key = missing[0]
+        raise RecipeError(f"{key} is required (??? in the config): give it on the command line, {key}=...")
     if generate:
         num_experts = cfg.model.tiny.get("num_experts")
     else:

@@ -303,7 +303,9 @@ def verify_file(file: str | os.PathLike) -> bool:
         record = json.loads(record_file.read_text())
         expected_bytes, expected_sha = int(record["bytes"]), str(record["sha256"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointIntegrityError(f"{record_file} is not a valid integrity record ({exc}); {_WHAT_TO_DO}") from None
+        raise CheckpointIntegrityError(
+            f"{record_file} is not a valid integrity record ({exc}); {_WHAT_TO_DO}"
+        ) from None
     if not file.is_file():
         raise CheckpointIntegrityError(f"{file} is missing (the save wrote {expected_bytes} bytes); {_WHAT_TO_DO}")
     size = file.stat().st_size

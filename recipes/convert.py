@@ -47,7 +47,9 @@ def _tokenizer_source(tokenizer_dir, model_dir, source) -> tuple[Path | None, st
     """Where to copy the tokenizer from, or None and why there is none."""
     if tokenizer_dir is not None:
         if not _tokenizer_files(Path(tokenizer_dir)):
-            raise ConvertError(f"--tokenizer-dir {tokenizer_dir} holds no tokenizer file ({', '.join(TOKENIZER_FILES)})")
+            raise ConvertError(
+                f"--tokenizer-dir {tokenizer_dir} holds no tokenizer file ({', '.join(TOKENIZER_FILES)})"
+            )
         return Path(tokenizer_dir), None
     tried = []
     for label, candidate in (("--model-dir", model_dir), ("the model's source directory", source)):
@@ -55,7 +57,8 @@ def _tokenizer_source(tokenizer_dir, model_dir, source) -> tuple[Path | None, st
             continue
         if _tokenizer_files(Path(candidate)):
             return Path(candidate), None
-        tried.append(f"{label} {candidate} {'holds no tokenizer file' if Path(candidate).is_dir() else 'does not exist'}")
+        state = "holds no tokenizer file" if Path(candidate).is_dir() else "does not exist"
+        tried.append(f"{label} {candidate} {state}")
     if not tried:
         tried.append("the checkpoint records no source directory")
     return None, "; ".join(tried) + "; pass --tokenizer-dir (the export loads, but evaluation and generation need one)"

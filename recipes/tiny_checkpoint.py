@@ -10,8 +10,9 @@ A generated directory carries `mpipemoe_tiny.json` (its spec and a digest of the
 text). `ensure_tiny_checkpoint` reuses a directory whose spec matches, regenerates one whose
 spec differs, and leaves any directory without that file alone (it is somebody's own
 checkpoint). Where a checkpoint may be generated at all is the recipe's decision
-(`lightning_mpipemoe_cli.model_directory`: only in the package's cache unless asked). Writes go to a temporary directory that is renamed into place, so a concurrent
-reader never sees half a checkpoint.
+(`lightning_mpipemoe_cli.model_directory`: only in the package's cache unless asked).
+Writes go to a temporary directory that is renamed into place, so a concurrent reader never
+sees half a checkpoint.
 """
 
 from __future__ import annotations

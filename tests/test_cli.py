@@ -13,7 +13,7 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -36,7 +36,8 @@ def _compose(*overrides: str, config: str = "finetune"):
 
 
 def test_console_scripts_match_the_error_prefixes():
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    installed = entry_points(group="console_scripts")
+    scripts = {ep.name: ep.value for ep in installed if ep.name.startswith("mpipemoe-")}
     assert scripts == {name: f"lightning_mpipemoe_cli:{func}" for name, func in SCRIPTS.items()}
     from lightning_mpipemoe.recipes import convert, evaluate, finetune
 
@@ -178,8 +179,8 @@ def test_generating_says_so_in_one_line(tmp_path, capsys, monkeypatch):
     from lightning_mpipemoe.recipes.finetune import _model_dir
 
     target = tmp_path / "tiny"
-    cfg = _compose(f"paths.cache={tmp_path}/cache", f"model.path={target}", "model.generate=true",
-                   "model.tiny.hidden_size=16", "model.tiny.intermediate_size=16", "model.tiny.num_layers=1")  # fmt: skip
+    small = ["model.tiny.hidden_size=16", "model.tiny.intermediate_size=16", "model.tiny.num_layers=1"]
+    cfg = _compose(f"paths.cache={tmp_path}/cache", f"model.path={target}", "model.generate=true", *small)
     assert _model_dir(cfg) == target and (target / "config.json").is_file()
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"mpipemoe-finetune: generated the tiny mixtral model (random weights) at {target} "
