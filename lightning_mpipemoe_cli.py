@@ -157,10 +157,6 @@ def check_numbers(cfg) -> None:
 
 # ------------------------------------------------------------------------------- model paths
 
-#: `model.generate`: write the tiny model (`model.tiny`) at `model.path` when it is missing.
-GENERATE_CHOICES = ("auto", True, False)
-
-
 def _within(path: Path, root: Path) -> bool:
     try:
         return path.resolve().is_relative_to(root.resolve())
@@ -186,7 +182,7 @@ def model_directory(cfg) -> tuple[Path, bool]:
         )
     path = Path(str(cfg.model.path)).expanduser()
     generate = cfg.model.get("generate", False)
-    if generate not in GENERATE_CHOICES:
+    if not (generate == "auto" or isinstance(generate, bool)):
         raise RecipeError(f"model.generate={generate}: must be auto, true or false")
     tiny = cfg.model.get("tiny")
     if generate is True and tiny is None:

@@ -43,7 +43,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from lightning_mpipemoe_cli import CONFIG_DIR, RecipeError, check_finetune_config, discard_hydra_run_dir, num_experts_of
+from lightning_mpipemoe_cli import (
+    CONFIG_DIR,
+    RecipeError,
+    check_finetune_config,
+    discard_hydra_run_dir,
+    num_experts_of,
+)
 from lightning_mpipemoe_cli import finetune as main
 
 if TYPE_CHECKING:
