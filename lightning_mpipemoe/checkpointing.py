@@ -24,10 +24,12 @@ checkpoint), and local: renames on object stores are not atomic.
 
 Integrity: the rank that writes a file also writes `<file>.integrity.json` beside it (its size
 in bytes and SHA-256, `record_files`), so no rank reads another's shard at save time. Loading
-checks a file against its record before `torch.load` sees it (`verify_file`), and every read is
-`weights_only=True` unless the caller explicitly passes False: a truncated, empty or altered
-shard is an error naming the file and what to do, never torch's generic zip or EOF error.
-Checkpoints written before records existed load unverified (their read errors still name the file).
+first checks that every file exists with its recorded size (every rank alike, so that all ranks
+stop together), then checks each file it reads against its SHA-256 before `torch.load` sees it
+(`verify_file`); every read is `weights_only=True` unless the caller explicitly passes False.
+A truncated, empty, missing or altered shard is an error naming the file and what to do, never
+torch's generic zip or EOF error. Checkpoints written before records existed load unverified
+(their read errors still name the file).
 """
 
 from __future__ import annotations
@@ -290,9 +292,10 @@ _WHAT_TO_DO = (
 )
 
 
-def verify_file(file: str | os.PathLike) -> bool:
-    """Check `file` against the record written with it; False when it has no record (a
-    checkpoint from before records existed). Raises `CheckpointIntegrityError` naming the file."""
+def verify_file(file: str | os.PathLike, *, checksum: bool = True) -> bool:
+    """Check `file` against the record written with it (its size; also its SHA-256 unless
+    `checksum=False`); False when it has no record (a checkpoint from before records existed).
+    Raises `CheckpointIntegrityError` naming the file."""
     file = Path(file)
     record_file = file.with_name(file.name + INTEGRITY_SUFFIX)
     if not record_file.is_file():
@@ -314,7 +317,7 @@ def verify_file(file: str | os.PathLike) -> bool:
         raise CheckpointIntegrityError(
             f"{file} is {what}: {size} bytes, the save wrote {expected_bytes}; {_WHAT_TO_DO}"
         )
-    if _sha256(file) != expected_sha:
+    if checksum and _sha256(file) != expected_sha:
         raise CheckpointIntegrityError(
             f"{file} does not match its SHA-256 recorded at save time (same size, different content); {_WHAT_TO_DO}"
         )
@@ -329,6 +332,19 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
         raise _missing_checkpoint_error(path)
     names = sorted({META_FILE} | {p.name[: -len(INTEGRITY_SUFFIX)] for p in path.glob("*" + INTEGRITY_SUFFIX)})
     return [name for name in names if verify_file(path / name)]
+
+
+def _check_presence_and_sizes(path: Path, ep_size: int | None = None) -> None:
+    """Every recorded file (and, given the saved EP size, every expert shard) exists with its
+    recorded size. Cheap (no file is read) and the same on every rank: a truncated, empty or
+    missing file stops all ranks alike before any loads, instead of one rank raising while the
+    others wait in the next collective. (A same-size alteration is caught by the checksum of
+    the ranks that read the file.)"""
+    names = {p.name[: -len(INTEGRITY_SUFFIX)] for p in path.glob("*" + INTEGRITY_SUFFIX)}
+    if ep_size is not None:
+        names |= {shard_file(r, ep_size) for r in range(ep_size)}
+    for name in sorted(names):
+        verify_file(path / name, checksum=False)
 
 
 def _load_file(io: CheckpointIO, file: Path, weights_only: bool | None) -> Any:
@@ -386,6 +402,7 @@ def read_checkpoint(
     if not is_mpipemoe_checkpoint(path):
         raise _missing_checkpoint_error(path)
     io = checkpoint_io or TorchCheckpointIO()
+    _check_presence_and_sizes(path)
     meta = _load_file(io, path / META_FILE, weights_only)
     info = meta.get(SECTION, {})
     if info.get("format_version") != FORMAT_VERSION:
@@ -393,6 +410,7 @@ def read_checkpoint(
             f"{path}: mpipemoe checkpoint format {info.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
     old_ep_size = info["ep_size"]
+    _check_presence_and_sizes(path, old_ep_size)
     shards = {
         r: _load_file(io, path / shard_file(r, old_ep_size), weights_only)
         for r in needed_shards(info["expert_keys"], old_ep_size, ep_size, ep_rank)

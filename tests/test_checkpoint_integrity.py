@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +31,7 @@ from lightning_mpipemoe.checkpointing import (
     read_checkpoint,
     record_files,
     shard_file,
+    split_checkpoint,
     verify_checkpoint,
 )
 from lightning_mpipemoe.recipes.convert import main as convert_main
@@ -164,3 +166,41 @@ def test_loading_never_runs_pickled_code(ckpt, tmp_path, capsys):
     # The caller who trusts the file can still say so explicitly.
     read_checkpoint(ckpt, 1, 0, weights_only=False)
     assert EXECUTED == ["the checkpoint's code ran"]
+
+
+def _write_ep2_checkpoint(path: Path) -> torch.Tensor:
+    """A two-shard checkpoint (EP = 2, 4 experts) written the way the strategy writes one."""
+    path.mkdir()
+    weight_E2 = torch.arange(8.0).view(4, 2)
+    for ep_rank in (0, 1):
+        local = {"state_dict": {"experts.w": weight_E2[2 * ep_rank : 2 * ep_rank + 2], "bias": torch.ones(2)}}
+        meta, shard = split_checkpoint(local, {"experts.w": 4}, ep_size=2, world_size=2, executor_state={})
+        if ep_rank == 0:
+            torch.save(meta, path / META_FILE)
+        torch.save(shard, path / shard_file(ep_rank, 2))
+    record_files(path, [META_FILE, shard_file(0, 2), shard_file(1, 2)])
+    return weight_E2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing with its record"])
+def test_every_rank_stops_alike_for_a_shard_only_another_rank_reads(tmp_path, damage):
+    """EP rank 0 reads only shard 0; a damaged shard 1 must stop it too (else it would wait in
+    the next collective for the rank that stopped)."""
+    ckpt = tmp_path / "ep2.ckpt"
+    weight_E2 = _write_ep2_checkpoint(ckpt)
+    assert torch.equal(read_checkpoint(ckpt, 2, 0)["state_dict"]["experts.w"], weight_E2[:2])
+    bad = ckpt / shard_file(1, 2)
+    if damage == "truncated":
+        _truncate(bad, 10)
+    else:
+        bad.unlink()
+        (ckpt / (bad.name + INTEGRITY_SUFFIX)).unlink()
+    for ep_rank in (0, 1):
+        with pytest.raises(CheckpointIntegrityError, match=re.escape(str(bad))):
+            read_checkpoint(ckpt, 2, ep_rank)
+
+
+def test_truncated_meta_is_named(ckpt):
+    _truncate(ckpt / META_FILE, 0)
+    with pytest.raises(CheckpointIntegrityError, match=re.escape(f"{ckpt / META_FILE} is empty")):
+        consolidate_checkpoint(ckpt)
