@@ -124,6 +124,9 @@ NUMBER_RULES: dict[str, _Rule] = {
     "strategy.expert_parallel_size": _int_at_least(1, None),
     "strategy.granularity": (_granularity, "an integer >= 1, auto or null"),
     "strategy.memory_budget": _real(0, strict=True, optional=True),
+    "strategy.simulated_link.latency_s": _real(0, strict=False),
+    "strategy.simulated_link.bandwidth_bytes_per_s": _real(0, strict=True),
+    "strategy.timeout.minutes": _real(0, strict=True),
 }
 #: The tiny model's sizes (`model.tiny`, see recipes/tiny_checkpoint.TinySpec).
 _TINY_SIZES = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "num_experts",
