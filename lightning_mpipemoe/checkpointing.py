@@ -21,12 +21,24 @@ to `.{name}.old-{token}` and removed after). A crash before the rename leaves th
 checkpoint as it was, and only a temporary directory behind (removed by the next save of
 that name). The directory must be on a filesystem every rank sees (like any sharded
 checkpoint), and local: renames on object stores are not atomic.
+
+Integrity: the rank that writes a file also writes `<file>.integrity.json` beside it (its size
+in bytes and SHA-256, `record_files`), so no rank reads another's shard at save time. Loading
+first checks that every file exists with its recorded size (every rank alike, so that all ranks
+stop together), then checks each file it reads against its SHA-256 before `torch.load` sees it
+(`verify_file`); every read is `weights_only=True` unless the caller explicitly passes False.
+A truncated, empty, missing or altered shard is an error naming the file and what to do, never
+torch's generic zip or EOF error. Checkpoints written before records existed load unverified
+(their read errors still name the file).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Mapping
+import pickle
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,13 +51,16 @@ from torch.distributed import ProcessGroup
 from torch.optim import Optimizer
 
 from lightning_mpipemoe import collectives
+from lightning_mpipemoe.atomic_dir import fsync_files
 from lightning_mpipemoe.groups import MoEProcessGroups
 
 __all__ = [
     "DEFAULT_CHECKPOINT_TIMEOUT",
     "FORMAT_VERSION",
+    "INTEGRITY_SUFFIX",
     "META_FILE",
     "SECTION",
+    "CheckpointIntegrityError",
     "assemble_checkpoint",
     "build_checkpoint_group",
     "checkpoint_barrier",
@@ -57,8 +72,11 @@ __all__ = [
     "optimizer_state_by_index",
     "optimizer_state_by_name",
     "read_checkpoint",
+    "record_files",
     "shard_file",
     "split_checkpoint",
+    "verify_checkpoint",
+    "verify_file",
 ]
 
 FORMAT_VERSION = 1
@@ -85,6 +103,15 @@ def checkpoint_barrier(group: ProcessGroup | None, site: str) -> None:
     """A barrier on the checkpoint group (`build_checkpoint_group`); nothing in one process."""
     if dist.is_available() and dist.is_initialized():
         collectives.barrier(group=group, site=site)
+
+
+#: `<file><INTEGRITY_SUFFIX>`: the size and SHA-256 recorded when `<file>` was written.
+INTEGRITY_SUFFIX = ".integrity.json"
+_HASH_CHUNK_BYTES = 16 << 20
+
+
+class CheckpointIntegrityError(ValueError):
+    """A checkpoint file that is missing, damaged or not what the save wrote (names the file)."""
 
 
 def shard_file(ep_rank: int, ep_size: int) -> str:
@@ -263,6 +290,115 @@ def assemble_checkpoint(
     return checkpoint
 
 
+# ---------------------------------------------------------------------------------- integrity
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_files(directory: str | os.PathLike, names: Iterable[str]) -> None:
+    """Record the size and SHA-256 of each freshly written file `directory/name` in
+    `name + INTEGRITY_SUFFIX`, then fsync the files and their records. Called by the rank that
+    wrote the files (each rank hashes only what it wrote)."""
+    directory, names = Path(directory), list(names)
+    records = []
+    for name in names:
+        file = directory / name
+        record = {"file": name, "bytes": file.stat().st_size, "sha256": _sha256(file)}
+        (directory / (name + INTEGRITY_SUFFIX)).write_text(json.dumps(record) + "\n")
+        records.append(name + INTEGRITY_SUFFIX)
+    fsync_files(directory, names + records)
+
+
+_WHAT_TO_DO = (
+    "the checkpoint is damaged (an interrupted copy or a failing disk?): restore the directory from a "
+    "complete copy, or resume from another checkpoint"
+)
+
+
+def verify_file(file: str | os.PathLike, *, checksum: bool = True) -> bool:
+    """Check `file` against the record written with it (its size; also its SHA-256 unless
+    `checksum=False`); False when it has no record (a checkpoint from before records existed).
+    Raises `CheckpointIntegrityError` naming the file."""
+    file = Path(file)
+    record_file = file.with_name(file.name + INTEGRITY_SUFFIX)
+    if not record_file.is_file():
+        if not file.is_file():
+            raise CheckpointIntegrityError(f"{file} is missing; {_WHAT_TO_DO}")
+        return False
+    try:
+        record = json.loads(record_file.read_text())
+        expected_bytes, expected_sha = int(record["bytes"]), str(record["sha256"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointIntegrityError(
+            f"{record_file} is not a valid integrity record ({exc}); {_WHAT_TO_DO}"
+        ) from None
+    if not file.is_file():
+        raise CheckpointIntegrityError(f"{file} is missing (the save wrote {expected_bytes} bytes); {_WHAT_TO_DO}")
+    size = file.stat().st_size
+    if size != expected_bytes:
+        what = "empty" if size == 0 else ("truncated" if size < expected_bytes else "longer than saved")
+        raise CheckpointIntegrityError(
+            f"{file} is {what}: {size} bytes, the save wrote {expected_bytes}; {_WHAT_TO_DO}"
+        )
+    if checksum and _sha256(file) != expected_sha:
+        raise CheckpointIntegrityError(
+            f"{file} does not match its SHA-256 recorded at save time (same size, different content); {_WHAT_TO_DO}"
+        )
+    return True
+
+
+def verify_checkpoint(path: str | os.PathLike) -> list[str]:
+    """Verify every file of a checkpoint directory that has a record (plus meta.ckpt); returns
+    the names verified. Raises `CheckpointIntegrityError` naming the first bad file."""
+    path = Path(path)
+    if not is_mpipemoe_checkpoint(path):
+        raise _missing_checkpoint_error(path)
+    names = sorted({META_FILE} | {p.name[: -len(INTEGRITY_SUFFIX)] for p in path.glob("*" + INTEGRITY_SUFFIX)})
+    return [name for name in names if verify_file(path / name)]
+
+
+def _check_presence_and_sizes(path: Path, ep_size: int | None = None) -> None:
+    """Every recorded file (and, given the saved EP size, every expert shard) exists with its
+    recorded size. Cheap (no file is read) and the same on every rank: a truncated, empty or
+    missing file stops all ranks alike before any loads, instead of one rank raising while the
+    others wait in the next collective. (A same-size alteration is caught by the checksum of
+    the ranks that read the file.)"""
+    names = {p.name[: -len(INTEGRITY_SUFFIX)] for p in path.glob("*" + INTEGRITY_SUFFIX)}
+    if ep_size is not None:
+        names |= {shard_file(r, ep_size) for r in range(ep_size)}
+    for name in sorted(names):
+        verify_file(path / name, checksum=False)
+
+
+def _load_file(io: CheckpointIO, file: Path, weights_only: bool | None) -> Any:
+    """`file` verified against its record, then loaded (`weights_only=True` unless the caller
+    explicitly passed False); a file torch cannot read is an error naming it."""
+    verify_file(file)
+    try:
+        return io.load_checkpoint(file, weights_only=True if weights_only is None else weights_only)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+            raise CheckpointIntegrityError(f"{file} could not be read ({exc}); {_WHAT_TO_DO}") from exc
+        raise CheckpointIntegrityError(
+            f"{file} holds pickled objects that weights_only loading refuses to construct "
+            f"({' '.join(str(exc).split())[:300]}). Loading never runs a checkpoint's own code: save plain "
+            "containers (e.g. hyper-parameters as dicts, not OmegaConf objects), or, for a checkpoint you trust, "
+            "load it with weights_only=False"
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise CheckpointIntegrityError(f"{file} is missing; {_WHAT_TO_DO}") from exc
+        raise CheckpointIntegrityError(
+            f"{file} could not be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); {_WHAT_TO_DO}"
+        ) from exc
+
+
 # -------------------------------------------------------------------------------------- files
 
 
@@ -288,20 +424,24 @@ def read_checkpoint(
     checkpoint_io: CheckpointIO | None = None,
     weights_only: bool | None = None,
 ) -> dict:
-    """Read what EP rank `ep_rank` of `ep_size` needs from a checkpoint directory (any saved EP size)."""
+    """Read what EP rank `ep_rank` of `ep_size` needs from a checkpoint directory (any saved EP
+    size). Each file is verified against its integrity record first and read with
+    `weights_only=True` (None means True here; only an explicit False loads arbitrary pickles)."""
     path = Path(path)
     if not is_mpipemoe_checkpoint(path):
         raise _missing_checkpoint_error(path)
     io = checkpoint_io or TorchCheckpointIO()
-    meta = io.load_checkpoint(path / META_FILE, weights_only=weights_only)
+    _check_presence_and_sizes(path)
+    meta = _load_file(io, path / META_FILE, weights_only)
     info = meta.get(SECTION, {})
     if info.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: mpipemoe checkpoint format {info.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
     old_ep_size = info["ep_size"]
+    _check_presence_and_sizes(path, old_ep_size)
     shards = {
-        r: io.load_checkpoint(path / shard_file(r, old_ep_size), weights_only=weights_only)
+        r: _load_file(io, path / shard_file(r, old_ep_size), weights_only)
         for r in needed_shards(info["expert_keys"], old_ep_size, ep_size, ep_rank)
     }
     return assemble_checkpoint(meta, shards, ep_size, ep_rank)

@@ -54,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_mpipemoe.atomic_dir import commit_directory, fsync_files, new_token, remove_stale, temporary_directory
+from lightning_mpipemoe.atomic_dir import commit_directory, new_token, remove_stale, temporary_directory
 from lightning_mpipemoe.checkpointing import (
     DEFAULT_CHECKPOINT_TIMEOUT,
     META_FILE,
@@ -65,6 +65,7 @@ from lightning_mpipemoe.checkpointing import (
     optimizer_state_by_index,
     optimizer_state_by_name,
     read_checkpoint,
+    record_files,
     shard_file,
     split_checkpoint,
 )
@@ -188,6 +189,7 @@ class MPipeMoEStrategy(DDPStrategy):
         self._overrides = executor_overrides(granularity, restore, simulated_link, memory_budget)
         self._log_moe_metrics = log_moe_metrics
         self._groups: MoEProcessGroups | None = None
+        self._reported_layout: str | None = None
         self._units: list[MoEUnit] = []
         self._expert_keys: dict[str, int] = {}
         self._expert_params: list[nn.Parameter] = []
@@ -269,10 +271,13 @@ class MPipeMoEStrategy(DDPStrategy):
         self._groups = build_process_groups(self.expert_parallel_size, timeout=self._timeout)
         self._checkpoint_group = build_checkpoint_group(self._checkpoint_timeout)
         groups = self._groups
-        rank_zero_info(
+        layout = (
             f"MPipeMoEStrategy: {groups.world_size} ranks = expert_parallel_size {groups.ep_size} x "
             f"data_parallel {groups.expert_dp_size}"
         )
+        if layout != self._reported_layout:  # once per run, not once per validate / fit / test
+            rank_zero_info(layout)
+            self._reported_layout = layout
 
     # ------------------------------------------------------------------------------- the model
 
@@ -493,7 +498,7 @@ class MPipeMoEStrategy(DDPStrategy):
             name = shard_file(groups.ep_rank, groups.ep_size)
             self.checkpoint_io.save_checkpoint(shard, tmp / name)
             written.append(name)
-        fsync_files(tmp, written)
+        record_files(tmp, written)  # size + SHA-256 beside each file, then fsync
         checkpoint_barrier(self._checkpoint_group, "strategy.save_checkpoint.written")
         if self.is_global_zero:
             commit_directory(tmp, path, token)

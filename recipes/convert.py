@@ -9,22 +9,28 @@ family's own keys and written by transformers' `save_pretrained` (`hf_models`), 
 loads with plain `AutoModelForCausalLM.from_pretrained` / `AutoModelForSeq2SeqLM`.
 
 The model's config comes from the checkpoint (the recipe's LightningModule stores it), else
-from `--model-dir`; the tokenizer files are copied from `--tokenizer-dir`, else from the
-fine-tuned model's source directory when it still exists.
+from `--model-dir`. The tokenizer files are copied from `--tokenizer-dir`, else `--model-dir`,
+else the fine-tuned model's source directory when it still exists; when none of these holds a
+tokenizer the directory is written without one and a warning line says why (an explicit
+`--tokenizer-dir` without tokenizer files is an error).
+
+Every checkpoint file is verified against the size and SHA-256 recorded when it was saved and
+read with `weights_only=True` (`checkpointing.read_checkpoint`): a damaged shard is named, and
+no pickled code runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import lightning_mpipemoe  # noqa: F401  isort: skip  (before transformers; see tests/hf_tiny.py)
-import torch
 
-from lightning_mpipemoe.checkpointing import META_FILE, consolidate_checkpoint, is_mpipemoe_checkpoint
+from lightning_mpipemoe.checkpointing import META_FILE, is_mpipemoe_checkpoint, read_checkpoint
+from lightning_mpipemoe.hf_models.checkpoint_io import TOKENIZER_FILES
+from lightning_mpipemoe_cli import convert as main
 
-__all__ = ["convert_checkpoint", "main"]
+__all__ = ["ConvertError", "convert_checkpoint", "main", "run"]
 
 PROG = "mpipemoe-convert"
 
@@ -33,9 +39,29 @@ class ConvertError(ValueError):
     """A missing or unusable input (printed as one line)."""
 
 
-def _meta(checkpoint: Path) -> dict:
-    # mmap: the replicated weights in meta.ckpt are not read, only the small entries used here.
-    return torch.load(checkpoint / META_FILE, map_location="cpu", mmap=True, weights_only=False)
+def _tokenizer_files(directory: Path) -> list[str]:
+    return [name for name in TOKENIZER_FILES if (directory / name).is_file()]
+
+
+def _tokenizer_source(tokenizer_dir, model_dir, source) -> tuple[Path | None, str | None]:
+    """Where to copy the tokenizer from, or None and why there is none."""
+    if tokenizer_dir is not None:
+        if not _tokenizer_files(Path(tokenizer_dir)):
+            raise ConvertError(
+                f"--tokenizer-dir {tokenizer_dir} holds no tokenizer file ({', '.join(TOKENIZER_FILES)})"
+            )
+        return Path(tokenizer_dir), None
+    tried = []
+    for label, candidate in (("--model-dir", model_dir), ("the model's source directory", source)):
+        if candidate is None:
+            continue
+        if _tokenizer_files(Path(candidate)):
+            return Path(candidate), None
+        state = "holds no tokenizer file" if Path(candidate).is_dir() else "does not exist"
+        tried.append(f"{label} {candidate} {state}")
+    if not tried:
+        tried.append("the checkpoint records no source directory")
+    return None, "; ".join(tried) + "; pass --tokenizer-dir (the export loads, but evaluation and generation need one)"
 
 
 def convert_checkpoint(
@@ -52,10 +78,10 @@ def convert_checkpoint(
     Args:
         checkpoint: the checkpoint directory (e.g. `checkpoints/last.ckpt`).
         out_dir: where the Hugging Face directory goes.
-        model_dir: the original model directory, for its config.json (needed only when the
-            checkpoint does not carry the config).
-        tokenizer_dir: where to copy tokenizer files from (default: the model's source
-            directory recorded in the checkpoint, when it exists).
+        model_dir: the original model directory: its config.json (used over the checkpoint's)
+            and its tokenizer files.
+        tokenizer_dir: where to copy tokenizer files from (default: `model_dir`, else the
+            model's source directory recorded in the checkpoint, when it exists).
         prefix: the Hugging Face model's attribute path in the LightningModule.
         overwrite: replace an existing `out_dir`.
     """
@@ -68,38 +94,32 @@ def convert_checkpoint(
         raise ConvertError(f"{checkpoint} is not an mpipemoe strategy checkpoint (a directory with {META_FILE})")
     if out_dir.exists() and not overwrite:
         raise ConvertError(f"{out_dir} exists; pass --overwrite to replace it")
-    meta = _meta(checkpoint)
-    source = (meta.get("hyper_parameters") or {}).get("model_path")
+    if model_dir is not None and not (Path(model_dir) / "config.json").is_file():
+        raise ConvertError(f"--model-dir {model_dir} has no config.json")
+    if tokenizer_dir is not None:
+        _tokenizer_source(tokenizer_dir, None, None)  # an explicit directory without a tokenizer: before the read
+    full = read_checkpoint(checkpoint, 1, 0)  # every file verified, every expert, weights_only
+    source = (full.get("hyper_parameters") or {}).get("model_path")
     if model_dir is not None:
-        if not (Path(model_dir) / "config.json").is_file():
-            raise ConvertError(f"--model-dir {model_dir} has no config.json")
         hf_config = AutoConfig.from_pretrained(model_dir)
-    elif meta.get("hf_config"):
-        hf_config = AutoConfig.for_model(**meta["hf_config"])
+    elif full.get("hf_config"):
+        hf_config = AutoConfig.for_model(**full["hf_config"])
     elif source and (Path(source) / "config.json").is_file():
         hf_config = AutoConfig.from_pretrained(source)
     else:
         raise ConvertError(f"{checkpoint} carries no model config; pass --model-dir (the original model's directory)")
-    if tokenizer_dir is None and source and Path(source).is_dir():
-        tokenizer_dir = source
-    state = consolidate_checkpoint(checkpoint, prefix=prefix)
+    tokenizer_source, why_not = _tokenizer_source(tokenizer_dir, model_dir, source)
+    state = {k[len(prefix) :]: v for k, v in full["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise ConvertError(f"{checkpoint} holds no weights under the prefix {prefix!r}; pass --prefix")
-    return export_from_state_dicts([state], hf_config, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
+    written = export_from_state_dicts([state], hf_config, out_dir, tokenizer_dir=tokenizer_source, overwrite=overwrite)
+    if why_not:
+        print(f"{PROG}: warning: {written} has no tokenizer: {why_not}", file=sys.stderr)
+    return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_mpipemoe.recipes.convert",
-        description="Convert an mpipemoe strategy checkpoint (any EP size) into a Hugging Face directory.",
-    )
-    parser.add_argument("checkpoint", help="checkpoint directory, e.g. outputs/finetune/<time>/checkpoints/last.ckpt")
-    parser.add_argument("out_dir", help="the Hugging Face directory to write")
-    parser.add_argument("--model-dir", help="original model directory (for config.json, if the checkpoint lacks it)")
-    parser.add_argument("--tokenizer-dir", help="copy tokenizer files from here (default: the model's source dir)")
-    parser.add_argument("--prefix", default="model.", help="the Hugging Face model's key prefix (default: model.)")
-    parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
-    args = parser.parse_args(argv)
+def run(args) -> int:
+    """The work of `mpipemoe-convert` once its arguments passed `lightning_mpipemoe_cli.convert`."""
     try:
         out = convert_checkpoint(
             args.checkpoint, args.out_dir, model_dir=args.model_dir, tokenizer_dir=args.tokenizer_dir,

@@ -18,16 +18,16 @@ import sys
 from pathlib import Path
 
 import lightning_mpipemoe  # noqa: F401  isort: skip  (before transformers; see tests/hf_tiny.py)
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning_mpipemoe.hf_models.checkpoint_io import TOKENIZER_FILES
 from lightning_mpipemoe.recipes.data import TextDataModule
-from lightning_mpipemoe.recipes.finetune import CONFIG_DIR
 from lightning_mpipemoe.recipes.module import heldout_loss_sums
+from lightning_mpipemoe_cli import evaluate as main
 
-__all__ = ["evaluate_directory", "main"]
+__all__ = ["evaluate_directory", "main", "run"]
 
 PROG = "mpipemoe-evaluate"
 
@@ -69,11 +69,24 @@ def evaluate_directory(
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(sums[1])}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    """Entry point of `python -m lightning_mpipemoe.recipes.evaluate`."""
+def _tokenizer_dir(model_dir: Path, tokenizer: str | None) -> str:
+    """`tokenizer`, else `model_dir` when it holds tokenizer files (transformers' own error for a
+    missing tokenizer speaks of sentencepiece, not of the directory)."""
+    directory = Path(tokenizer) if tokenizer else model_dir
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        where = f"tokenizer={tokenizer}" if tokenizer else f"model_dir={model_dir}"
+        raise FileNotFoundError(
+            f"{where} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): pass tokenizer=<the original "
+            "model's directory>, or convert the checkpoint again with mpipemoe-convert --tokenizer-dir"
+        )
+    return str(directory)
+
+
+def run(cfg: DictConfig) -> None:
+    """The work of `mpipemoe-evaluate` once its command line passed `lightning_mpipemoe_cli.evaluate`."""
     try:
-        data = instantiate(cfg.data, tokenizer=str(cfg.model_dir))
+        tokenizer = _tokenizer_dir(Path(cfg.model_dir), cfg.get("tokenizer"))
+        data = instantiate(cfg.data, tokenizer=tokenizer)
         data.check()
         result = evaluate_directory(cfg.model_dir, data, split=cfg.split, device=cfg.device, dtype=cfg.dtype)
     except (OSError, ValueError, ImportError, KeyError) as exc:

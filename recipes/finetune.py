@@ -12,11 +12,17 @@ with expert parallelism 2. The run measures the held-out loss, fine-tunes, measu
 writes a Hugging Face directory (`export_dir`) and a strategy checkpoint, and prints a
 summary (also written as `summary.json` in the run directory).
 
-Order of events: the configuration is checked (model directory, EP size against devices and
-experts, data files) and every object is built with `hydra.utils.instantiate` before any
-process is started, so a bad override fails with one line (`mpipemoe-finetune: error: ...`,
-exit status 2). Lightning's subprocess launcher then starts the other processes by re-running
-this command (with `hydra.run.dir` pinned to this run's directory, see `_child_command`).
+Order of events: the command line is parsed and checked by `lightning_mpipemoe_cli` (numbers,
+model directory, EP size against devices and experts) without importing torch, Lightning or
+transformers; `run` then builds every object with `hydra.utils.instantiate` (and checks the
+model family and the data files) before any process is started, so a bad override fails with
+one line (`mpipemoe-finetune: error: ...`, exit status 2) and leaves nothing behind. Lightning's
+subprocess launcher then starts the other processes by re-running this command (with
+`hydra.run.dir` pinned to this run's directory, see `_child_command`).
+
+Model directory: `model.path`, used as it is. The tiny configs (`model.tiny` holds the spec)
+generate it only inside the package's cache (`paths.models`, the default, `model.generate=auto`)
+or when asked (`model.generate=true`); a path that does not exist is otherwise an error.
 """
 
 from __future__ import annotations
@@ -31,12 +37,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
+
+from lightning_mpipemoe_cli import (
+    CONFIG_DIR,
+    RecipeError,
+    check_finetune_config,
+    discard_hydra_run_dir,
+    num_experts_of,
+)
+from lightning_mpipemoe_cli import finetune as main
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -44,14 +58,9 @@ if TYPE_CHECKING:
 # Torch, Lightning and transformers are imported where they are used: `--cfg job`, `--help`
 # and configuration errors answer without loading them.
 
-__all__ = ["RecipeError", "Prepared", "main", "prepare", "run"]
+__all__ = ["CONFIG_DIR", "RecipeError", "Prepared", "main", "prepare", "run"]
 
 PROG = "mpipemoe-finetune"
-#: The config folder, found beside this package's folder (the repository's `conf/`, installed as
-#: `lightning_mpipemoe/conf`). It has no `__init__.py`, so that it never shadows an installed
-#: `conf` package from a clone's root, which rules out Hydra's `pkg://` source (it wants one).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-CONFIG_NAME = "finetune"
 #: Environment variables Lightning's subprocess launcher sets in the launching process.
 _LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED")
 #: Command-line flags that choose the config (kept in the children's command).
@@ -62,10 +71,6 @@ _LAUNCH_OVERRIDES = re.compile(
 )
 
 
-class RecipeError(ValueError):
-    """A configuration the recipe refuses before anything starts (printed as one line)."""
-
-
 # ---------------------------------------------------------------------------------- checks
 
 
@@ -74,55 +79,23 @@ def _is_launching_process() -> bool:
     return "LOCAL_RANK" not in os.environ
 
 
-def _device_count(devices: Any) -> int | None:
-    if isinstance(devices, bool):
-        return None
-    if isinstance(devices, int):
-        return devices if devices > 0 else None
-    if isinstance(devices, str) and devices.strip().isdigit():
-        return int(devices)
-    if isinstance(devices, str) and "," in devices:
-        return len([d for d in devices.split(",") if d.strip()])
-    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
-        return len(devices)
-    return None  # "auto", -1: resolved by Lightning (the strategy checks again before launching)
-
-
-def _num_experts(hf_config: dict) -> int | None:
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        value = hf_config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _model_dir(cfg: DictConfig) -> Path:
-    """The model directory, generated first when the model config says how."""
-    name = cfg.model.get("name", "?")
-    if OmegaConf.is_missing(cfg.model, "path"):
-        raise RecipeError(
-            f"model={name} needs model.path, the local directory of a Hugging Face checkpoint "
-            f"(e.g. model.path=/data/{name})"
-        )
-    path = Path(str(cfg.model.path)).expanduser()
-    generate = cfg.model.get("generate")
-    if generate is not None and _is_launching_process():
+    """The checked model directory; the tiny model is generated there first when the config
+    says so (`lightning_mpipemoe_cli.model_directory`), by the launching process only."""
+    path, generate = check_finetune_config(cfg)
+    if generate and _is_launching_process():
         from lightning_mpipemoe.recipes.tiny_checkpoint import TinySpec, ensure_tiny_checkpoint
 
-        spec = TinySpec(**OmegaConf.to_container(generate, resolve=True))
+        spec = TinySpec(**OmegaConf.to_container(cfg.model.tiny, resolve=True))
         if ensure_tiny_checkpoint(path, spec):
-            print(f"{PROG}: wrote the tiny {spec.family} checkpoint to {path}", file=sys.stderr)
-    if not path.exists():
-        raise RecipeError(
-            f"model.path={path} does not exist (model={name} expects a local Hugging Face checkpoint directory)"
-        )
+            why = "model.generate=true" if cfg.model.generate is True else "the package's model cache, paths.models"
+            print(f"{PROG}: generated the tiny {spec.family} model (random weights) at {path} ({why})", file=sys.stderr)
     if not (path / "config.json").is_file():
         raise RecipeError(f"model.path={path} has no config.json: not a Hugging Face checkpoint directory")
     return path
 
 
-def _check_layout(cfg: DictConfig, hf_config: dict) -> None:
-    from lightning_mpipemoe.groups import check_parallel_sizes
+def _check_model_type(cfg: DictConfig, hf_config: dict) -> None:
     from lightning_mpipemoe.hf_models.api import covered_model_types
 
     model_type = hf_config.get("model_type")
@@ -131,18 +104,6 @@ def _check_layout(cfg: DictConfig, hf_config: dict) -> None:
             f"model.path={cfg.model.path}: model_type {model_type!r} has no lightning_mpipemoe adapter "
             f"(covered: {', '.join(covered_model_types())})"
         )
-    devices = _device_count(cfg.trainer.get("devices"))
-    nodes = int(cfg.trainer.get("num_nodes", 1) or 1)
-    ep = cfg.strategy.get("expert_parallel_size")
-    if devices is None:
-        return
-    ep = devices if ep is None else ep
-    try:
-        check_parallel_sizes(devices * nodes, ep, _num_experts(hf_config))
-    except ValueError as exc:
-        raise RecipeError(
-            f"strategy.expert_parallel_size={ep} with trainer.devices={devices} x trainer.num_nodes={nodes}: {exc}"
-        ) from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -190,7 +151,7 @@ def prepare(cfg: DictConfig) -> Prepared:
 
     model_dir = _model_dir(cfg)
     hf_config = json.loads((model_dir / "config.json").read_text())
-    _check_layout(cfg, hf_config)
+    _check_model_type(cfg, hf_config)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # _convert_="all": plain lists and dicts. The module's hyper-parameters go into checkpoints,
     # which torch.load(weights_only=True) reads without OmegaConf's classes.
@@ -264,7 +225,7 @@ def _summary(prepared: Prepared, before: dict, after: dict, seconds: float, expo
             "name": cfg.model.get("name"),
             "path": str(prepared.model_dir),
             "class": (hf.get("architectures") or [type(module.model).__name__])[0],
-            "num_experts": _num_experts(hf),
+            "num_experts": num_experts_of(hf),
             "top_k": hf.get("num_experts_per_tok") or 1,
             "moe_layers": len(monitor.moe.get("layers", {})),
             "parameters": sum(p.numel() for p in module.model.parameters())
@@ -331,6 +292,8 @@ def run(cfg: DictConfig) -> dict | None:
         prepared = prepare(cfg)
     except (RecipeError, InstantiationException, OmegaConfBaseException, ValueError, TypeError, OSError,
             ImportError, KeyError) as exc:  # fmt: skip
+        if launching:
+            discard_hydra_run_dir()
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     from lightning_mpipemoe.recipes.reporting import format_summary
@@ -361,11 +324,8 @@ def run(cfg: DictConfig) -> dict | None:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=CONFIG_NAME)
-def main(cfg: DictConfig) -> None:
-    """Entry point of `python -m lightning_mpipemoe.recipes.finetune` and `mpipemoe-finetune`."""
-    run(cfg)
-
+# `main` (lightning_mpipemoe_cli.finetune): the entry point of `mpipemoe-finetune` and of
+# `python -m lightning_mpipemoe.recipes.finetune`; it checks the command line, then calls `run`.
 
 if __name__ == "__main__":
     main()

@@ -9,12 +9,15 @@ initialisation under `torch.manual_seed(spec.seed)`.
 A generated directory carries `mpipemoe_tiny.json` (its spec and a digest of the corpus
 text). `ensure_tiny_checkpoint` reuses a directory whose spec matches, regenerates one whose
 spec differs, and leaves any directory without that file alone (it is somebody's own
-checkpoint). Writes go to a temporary directory that is renamed into place, so a concurrent
-reader never sees half a checkpoint.
+checkpoint). Where a checkpoint may be generated at all is the recipe's decision
+(`lightning_mpipemoe_cli.model_directory`: only in the package's cache unless asked).
+Writes go to a temporary directory that is renamed into place, so a concurrent reader never
+sees half a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -173,6 +176,19 @@ def _stamp(spec: TinySpec) -> dict:
     return {**spec.to_dict(), "corpus_sha256": digest, "generator_version": GENERATOR_VERSION}
 
 
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def write_tiny_checkpoint(path: str | os.PathLike, spec: TinySpec) -> Path:
     """Write the checkpoint of `spec` at `path` (replacing what is there)."""
     from lightning_mpipemoe.recipes.data import shipped_corpus_text
@@ -185,7 +201,8 @@ def write_tiny_checkpoint(path: str | os.PathLike, spec: TinySpec) -> Path:
     token = new_token()
     tmp = temporary_directory(path, token)
     try:
-        model.save_pretrained(tmp)
+        with _quiet_progress_bars():  # the recipe says in one line that it generated the model
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SPEC_FILE).write_text(json.dumps(_stamp(spec), indent=2, sort_keys=True) + "\n")
         commit_directory(tmp, path, token)

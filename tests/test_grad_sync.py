@@ -14,7 +14,6 @@ import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.callbacks import Callback
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lightning_mpipemoe import build_process_groups, collectives

@@ -52,7 +52,9 @@ def test_repository_folders_are_not_regular_packages():
 def test_wheel_installs_folders_under_the_namespace(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
-    assert top_level == {"lightning_mpipemoe"}, f"unexpected top-level packages {top_level}"
+    # lightning_mpipemoe_cli.py: the console scripts' front, importable without the package's
+    # __init__ (which imports torch, Lightning and transformers); no other distribution uses the name.
+    assert top_level == {"lightning_mpipemoe", "lightning_mpipemoe_cli.py"}, f"unexpected top-level names {top_level}"
     for module in ("kernels/api.py", "kernels/ops.py", "hf_models/api.py", "recipes/finetune.py", "conf/finetune.yaml",
                    "conf/model/mixtral_tiny.yaml", "recipes/corpus/village.txt", "moe/executor.py"):
         assert f"lightning_mpipemoe/{module}" in names, module
@@ -68,6 +70,7 @@ def test_installed_wheel_imports_outside_the_repository(wheel, tmp_path):
     code = (
         "import lightning_mpipemoe, lightning_mpipemoe.kernels.api as k, lightning_mpipemoe.hf_models.api as h\n"
         "from lightning_mpipemoe.recipes.finetune import CONFIG_DIR\n"
+        "import lightning_mpipemoe_cli; assert lightning_mpipemoe_cli.CONFIG_DIR == CONFIG_DIR\n"
         "import os; assert os.path.isfile(os.path.join(CONFIG_DIR, 'finetune.yaml')), CONFIG_DIR\n"
         "print(lightning_mpipemoe.__file__, k.__file__, h.__file__, CONFIG_DIR)"
     )

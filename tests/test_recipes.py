@@ -38,6 +38,8 @@ from lightning_mpipemoe.strategy import MPipeMoEStrategy
 
 GROUPS = ("model", "data", "trainer", "strategy", "optim", "experiment")
 FINETUNE = [sys.executable, "-m", "lightning_mpipemoe.recipes.finetune"]
+#: The installed console script (what the README tells users to type).
+SCRIPT = [str(Path(sys.executable).parent / "mpipemoe-finetune")]
 ERROR = "mpipemoe-finetune: error:"
 #: Quiet, quick runs: no progress bar, no mid-run validation unless asked.
 QUIET = ["trainer.enable_progress_bar=false"]
@@ -56,8 +58,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 
 
-def _run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(FINETUNE + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str], cwd: Path, timeout: float = 600, command=FINETUNE) -> subprocess.CompletedProcess:
+    return subprocess.run(command + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cache")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("finetune", overrides=[f"paths.cache={root}"])
-        ensure_tiny_checkpoint(cfg.model.path, TinySpec(**cfg.model.generate))
+        ensure_tiny_checkpoint(cfg.model.path, TinySpec(**cfg.model.tiny))
     return root
 
 
@@ -107,8 +109,8 @@ def test_every_config_composes_and_instantiates(group, cache, tmp_path, seed_env
         overrides = _option_overrides(group, option, tiny, tmp_path)
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("finetune", overrides=overrides)
-        if cfg.model.generate is not None:
-            TinySpec(**cfg.model.generate)
+        if cfg.model.get("tiny") is not None:
+            TinySpec(**cfg.model.tiny)
         if cfg.data.format != "text" and not _has_datasets():
             # jsonl / parquet are read through `datasets` (an optional extra): the data module
             # builds, its check says what to install, and the rest is built with a text file.
@@ -162,9 +164,12 @@ def test_default_recipe_end_to_end(cache, tmp_path):
     run_dir = tmp_path / "run"
     result = _run(
         [f"paths.cache={cache}", f"hydra.run.dir={run_dir}", "trainer.max_steps=16", "trainer.val_check_interval=8"],
-        cwd=tmp_path,
-    )
+        cwd=tmp_path, command=SCRIPT,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
+    # One line of rank layout per run (validate, fit and validate each set the strategy up).
+    layout = "MPipeMoEStrategy: 2 ranks = expert_parallel_size 2 x data_parallel 1"
+    assert (run_dir / "finetune.log").read_text().count(layout) == 1
     summary = json.loads((run_dir / "summary.json").read_text())
     before, after = summary["heldout"]["before"], summary["heldout"]["after"]
     assert after["loss"] < before["loss"] - 0.3, (before, after)
@@ -196,6 +201,32 @@ def test_default_recipe_end_to_end(cache, tmp_path):
     exported, again = tensors(export), tensors(converted)
     assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
     assert (converted / "tokenizer.json").is_file()
+    # Once the model's source directory is gone, --model-dir supplies config and tokenizer; with
+    # neither, the export is written without a tokenizer and a line says why, and evaluate
+    # then names the missing tokenizer (not sentencepiece).
+    source, moved = cache / "models" / "mixtral_tiny", tmp_path / "moved_model"
+    source.rename(moved)
+    try:
+        with_dir, without = tmp_path / "with_model_dir", tmp_path / "without"
+        assert convert_main([summary["checkpoint"], str(with_dir), "--model-dir", str(moved)]) == 0
+        assert (with_dir / "tokenizer.json").read_bytes() == (moved / "tokenizer.json").read_bytes()
+        no_tokenizer = subprocess.run(
+            [str(Path(sys.executable).parent / "mpipemoe-convert"), summary["checkpoint"], str(without)],
+            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        moved.rename(source)
+    assert no_tokenizer.returncode == 0, no_tokenizer.stderr[-2000:]
+    warning = [line for line in no_tokenizer.stderr.splitlines() if line.startswith("mpipemoe-convert: warning:")]
+    assert len(warning) == 1 and "has no tokenizer" in warning[0] and "--tokenizer-dir" in warning[0], warning
+    assert (without / "config.json").is_file() and not (without / "tokenizer.json").exists()
+    refused = subprocess.run(
+        [str(Path(sys.executable).parent / "mpipemoe-evaluate"), f"model_dir={without}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"mpipemoe-evaluate: error: model_dir={without} has no "
+                                                             "tokenizer files")  # fmt: skip
     # evaluate's own command line, on the held-out text of the shipped corpus.
     out = subprocess.run(
         [sys.executable, "-m", "lightning_mpipemoe.recipes.evaluate", f"model_dir={export}", "json=true"],
@@ -245,15 +276,23 @@ def test_multirun_sweeps_granularity(cache, tmp_path):
     "overrides, mentions",
     [
         (["model=mixtral_8x7b", "model.path={tmp}/no-such-model"], "model.path="),
+        (["model.path={tmp}/no-such-model"], "model.path={tmp}/no-such-model does not exist"),
         (["trainer.devices=4", "strategy.expert_parallel_size=3"], "strategy.expert_parallel_size=3"),
         (["strategy.granularity=0"], "granularity"),
+        (["optim.learning_rate=-1"], "optim.learning_rate=-1: must be a number > 0"),
+        (["data=text"], "data.train_files"),
     ],
-    ids=["missing-model-path", "ep-does-not-divide-devices", "bad-granularity"],
-)
+    ids=["missing-model-path", "tiny-model-path-typo", "ep-does-not-divide-devices", "bad-granularity",
+         "negative-learning-rate", "no-train-files"],
+)  # fmt: skip
 def test_bad_overrides_fail_with_one_line_before_any_process(overrides, mentions, cache, tmp_path):
+    """Through the console script; nothing is created (no model, no run directory)."""
     args = [o.format(tmp=tmp_path) for o in overrides] + [f"paths.cache={cache}", f"hydra.run.dir={tmp_path}/run"]
-    result = _run(args, cwd=tmp_path, timeout=300)
+    before = sorted(tmp_path.rglob("*"))
+    result = _run(args, cwd=tmp_path, timeout=300, command=SCRIPT)
     assert result.returncode == 2, result.stderr[-2000:]
+    mentions = mentions.format(tmp=tmp_path)
+    assert sorted(tmp_path.rglob("*")) == before, "a refused command created files"
     errors = [line for line in result.stderr.splitlines() if line.startswith(ERROR)]
     assert len(errors) == 1 and mentions in errors[0], result.stderr[-2000:]
     assert result.stderr.rstrip().endswith(errors[0]), "the error is the last line"
