@@ -32,6 +32,7 @@ from lightning_mpipemoe.hf_models.experts_interface import (
     mpipemoe_experts_forward,
     register_experts_implementation,
 )
+from lightning_mpipemoe.hf_models.gpt_oss import GptOssAdapter
 from lightning_mpipemoe.hf_models.mixtral_style import MixtralStyleAdapter
 from lightning_mpipemoe.hf_models.registry import (
     UnsupportedModelError,
@@ -49,6 +50,7 @@ _LAZY = {"MoECausalLMModule", "MoESeq2SeqModule", "MoEFineTuneModule"}
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
     "ExecutorBinding",
+    "GptOssAdapter",
     "LoadReport",
     "MixtralStyleAdapter",
     "SwitchAdapter",
