@@ -66,7 +66,15 @@ from lightning_mpipemoe.checkpointing import (
     split_checkpoint,
 )
 from lightning_mpipemoe.config import SimulatedLink, executor_overrides
-from lightning_mpipemoe.discovery import ExecutorView, MoEUnit, find_moe_units, load_executor_state, read_executor_state
+from lightning_mpipemoe.discovery import (
+    ExecutorView,
+    MoEUnit,
+    find_moe_units,
+    load_executor_state,
+    pack_experts,
+    read_executor_state,
+    unpack_experts,
+)
 from lightning_mpipemoe.grad_sync import clip_grad_norm_, reduce_expert_gradients
 from lightning_mpipemoe.groups import DEFAULT_TIMEOUT, MoEProcessGroups, build_process_groups, check_parallel_sizes
 from lightning_mpipemoe.moe_metrics import moe_step_metrics
@@ -174,6 +182,7 @@ class MPipeMoEStrategy(DDPStrategy):
         self._groups: MoEProcessGroups | None = None
         self._units: list[MoEUnit] = []
         self._expert_keys: dict[str, int] = {}
+        self._packed_keys: dict[str, tuple[int, str]] = {}  # peft's LoRA on fused experts
         self._expert_params: list[nn.Parameter] = []
 
     # ------------------------------------------------------------------------------ properties
@@ -271,7 +280,7 @@ class MPipeMoEStrategy(DDPStrategy):
                 "MoELayer nor a Hugging Face MoE model that lightning_mpipemoe.hf_models covers); it trains as "
                 "plain DDP"
             )
-            self._units, self._expert_keys = [], {}
+            self._units, self._expert_keys, self._packed_keys = [], {}, {}
             return
         for unit in units:  # before anything collective or any sharding
             for num_experts in unit.kind.num_experts(unit.module):
@@ -286,6 +295,7 @@ class MPipeMoEStrategy(DDPStrategy):
                 raise ValueError(f"MoE unit {unit.name!r} at expert_parallel_size={groups.ep_size}: {exc}") from exc
         self._units = units
         self._expert_keys = {key: count for unit in units for key, count in unit.expert_parameters().items()}
+        self._packed_keys = {key: spec for unit in units for key, spec in unit.packed_expert_parameters().items()}
         ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | set(self._expert_keys)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(ignored))
         self._broadcast_expert_shards(module)
@@ -394,17 +404,54 @@ class MPipeMoEStrategy(DDPStrategy):
         assert self.lightning_module is not None
         return {id(p): name for name, p in self.lightning_module.named_parameters()}
 
+    def _relayout(self, state: dict[str, Any], to_checkpoint: bool) -> dict[str, Any]:
+        """Packed expert tensors (peft's LoRA A `[r*L, in]`, B `[out, r*L]` on fused experts) to
+        the unpacked form checkpoints hold (`[L, r, in]`, `[L, out, r]`: dim 0 the expert, so
+        that the checkpoint code cuts and joins them like any expert shard), or back."""
+        if not self._packed_keys:
+            return state
+        ep = self.moe_groups.ep_size
+        out = dict(state)
+        for key, (num_experts, layout) in self._packed_keys.items():
+            if key in out:
+                value = out[key]
+                out[key] = (
+                    unpack_experts(value, num_experts // ep, layout) if to_checkpoint else pack_experts(value, layout)
+                )
+        return out
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return self._relayout(super().lightning_module_state_dict(), to_checkpoint=True)
+
+    def _relayout_optimizer(self, named: dict[str, Any], to_checkpoint: bool) -> dict[str, Any]:
+        if not self._packed_keys:
+            return named
+        shapes = {name: tuple(p.shape) for name, p in self.lightning_module.named_parameters()}
+        state = dict(named["state"])
+        for key in self._packed_keys.keys() & state.keys():
+            param_state = dict(state[key])
+            for name, value in param_state.items():
+                # Tensors shaped like the parameter (Adam's moments) move with it; scalars stay.
+                if not isinstance(value, Tensor):
+                    continue
+                if (tuple(value.shape) == shapes[key]) if to_checkpoint else value.dim() == 3:
+                    param_state[name] = self._relayout({key: value}, to_checkpoint)[key]
+            state[key] = param_state
+        return {**named, "state": state}
+
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """Name-keyed optimizer state (`checkpointing.optimizer_state_by_name`)."""
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
-        return optimizer_state_by_name(optimizer, self._param_names())
+        return self._relayout_optimizer(optimizer_state_by_name(optimizer, self._param_names()), to_checkpoint=True)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         names = self._param_names()
         for optimizer, named in zip(self.optimizers, checkpoint["optimizer_states"]):
+            named = self._relayout_optimizer(named, to_checkpoint=False)
             optimizer.load_state_dict(optimizer_state_by_index(named, optimizer, names))
             _optimizer_to_device(optimizer, self.root_device)
 
@@ -465,6 +512,8 @@ class MPipeMoEStrategy(DDPStrategy):
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self._packed_keys:
+            checkpoint = {**checkpoint, "state_dict": self._relayout(checkpoint["state_dict"], to_checkpoint=False)}
         super().load_model_state_dict(checkpoint, strict=strict)
         saved = dict(checkpoint.get(SECTION, {}).get("executor_state", {}))
         for name, view in self.moe_executors.items():
@@ -479,7 +528,12 @@ class MPipeMoEStrategy(DDPStrategy):
         back to their original keys (what an unsharded copy of the module loads)."""
         groups = self.moe_groups
         full = gather_full_state_dict(self.lightning_module, self._expert_keys, groups, device=self.root_device)
-        if full is None or not unconverted:
+        if full is None:
+            return full
+        for key, (num_experts, layout) in self._packed_keys.items():  # shards were joined along dim 0: redo
+            pieces = [unpack_experts(p, num_experts // groups.ep_size, layout) for p in full[key].chunk(groups.ep_size)]
+            full[key] = pack_experts(torch.cat(pieces), layout)
+        if not unconverted:
             return full
         for unit in self._units:
             prefix = f"{unit.name}." if unit.name else ""

@@ -1,0 +1,34 @@
+"""What transformers' output capturing needs, rebuilt in a process the model was pickled into.
+
+transformers records router logits (and hidden states, attentions) with forward hooks that it
+installs lazily, on the first forward that asks for them, from `_CAN_RECORD_REGISTRY`: a
+module-level registry filled when a model is constructed (`PreTrainedModel.post_init`). A
+model built in one process and unpickled in another (Lightning's spawn launchers, e.g.
+`strategy="mpipemoe_spawn"` with the model loaded in the main process) arrives without its
+registry entry: no hook is installed, `output_router_logits=True` yields no router logits and
+the MoE aux loss comes back as the integer 0 (Mixtral's loss then fails on `aux_loss.to`).
+`restore_output_capturing` registers each transformers model's class again, as `post_init`
+would have; the hooks themselves are then installed by transformers as usual.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+__all__ = ["restore_output_capturing"]
+
+
+def restore_output_capturing(model: nn.Module) -> int:
+    """Register every transformers model in `model` (itself included) with transformers'
+    output-capturing registry where its class is missing; returns how many were added."""
+    added = 0
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        can_record = getattr(module, "_can_record_outputs", None)
+        if can_record and not _CAN_RECORD_REGISTRY.get(module):
+            _CAN_RECORD_REGISTRY[module] = can_record
+            added += 1
+    return added

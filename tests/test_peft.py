@@ -1,0 +1,238 @@
+"""peft's LoRA under `MPipeMoEStrategy`: attention and fused experts (`target_parameters`),
+EP = 2 and EP = 2 x DP = 2, against single-process peft training.
+
+One spawn run per world size (module fixture) serves every assertion: the model is built
+and wrapped by peft in the main process (the README's pattern), trained 5 steps with
+clipping; the training ranks save a sharded checkpoint, a PEFT adapter directory and a merged
+Hugging Face export; the main process gets the trained weights back.
+
+The reference is one process training the same peft model on the same shards: each step's
+loss is the mean of the shards' losses (what data parallelism optimises; the router aux loss
+is per shard, so this differs from one loss over the whole global batch).
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import timedelta
+from pathlib import Path
+
+import lightning_mpipemoe  # noqa: F401  isort: skip  (first: registers "mpipemoe"; see tests/hf_tiny.py)
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_mpipemoe import MPipeMoEStrategy, consolidate_checkpoint
+from lightning_mpipemoe.checkpointing import shard_file
+from lightning_mpipemoe.discovery import pack_experts
+from lightning_mpipemoe.hf_models.api import MoECausalLMModule, convert_model, sharded_expert_keys
+from lightning_mpipemoe.hf_models.peft_lora import export_merged, save_lora_adapter
+from tests.hf_tiny import VOCAB, tiny_batch, tiny_model
+from tests.strategy_models import LossRecorder, SaveAt, read_losses
+
+peft = pytest.importorskip("peft")
+
+STEPS = 5
+GLOBAL_BATCH = 4
+SEQ = 8
+LR = 1e-2
+#: Between the gradient norms of the reference's steps, so that clipping acts on some of them
+#: (`test_clipping_acted` checks it).
+CLIP = 2.0
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def lora_config() -> "peft.LoraConfig":
+    return peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], target_parameters=EXPERT_TARGETS,
+        init_lora_weights=False,  # B != 0: every LoRA weight gets a gradient from the first step
+    )  # fmt: skip
+
+
+def base_model():
+    return tiny_model("mixtral", seed=0)
+
+
+def peft_model():
+    torch.manual_seed(1)
+    return peft.get_peft_model(base_model(), lora_config())
+
+
+class Samples(Dataset):
+    """`STEPS * GLOBAL_BATCH` fixed sequences; sample `i` is the same in every process."""
+
+    def __len__(self) -> int:
+        return STEPS * GLOBAL_BATCH
+
+    def __getitem__(self, i: int) -> dict:
+        generator = torch.Generator().manual_seed(i)
+        ids = torch.randint(2, VOCAB, (SEQ,), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def shard(step: int, rank: int, world: int) -> dict:
+    """What rank `rank` of `world` trains on at `step` (one epoch): Lightning gives each rank a
+    `DistributedSampler(shuffle=True, seed=0)`, rank r taking positions r, r+W, ... of
+    `randperm(n)` seeded with the epoch."""
+    data, per_rank = Samples(), GLOBAL_BATCH // world
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[rank::world]
+    items = [data[int(i)] for i in order[step * per_rank : (step + 1) * per_rank]]
+    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def reference_run(world: int) -> dict:
+    module = MoECausalLMModule(peft_model(), learning_rate=LR)
+    optimizer = module.configure_optimizers()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    losses, norms = [], []
+    for step in range(STEPS):
+        loss = sum(module.compute_loss(shard(step, r, world))[0] for r in range(world)) / world
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, CLIP)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return {"losses": losses, "norms": norms, "lora": lora_weights(module.model), "model": module.model}
+
+
+class SaveAdapterAndExport(Callback):
+    """At the end of training, on every rank (both are collective): the PEFT adapter directory
+    and a merged Hugging Face export (of a copy: the trained module stays a peft model)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        groups = trainer.strategy.moe_groups
+        save_lora_adapter(pl_module.model, Path(self.root) / "adapter", groups)
+        export_merged(copy.deepcopy(pl_module.model), Path(self.root) / "merged", groups)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["ep2", "ep2xdp2"])
+def run(request, tmp_path_factory):
+    world = request.param
+    root = tmp_path_factory.mktemp(f"peft{world}")
+    module = MoECausalLMModule(peft_model(), learning_rate=LR)
+    strategy = MPipeMoEStrategy(expert_parallel_size=2, start_method="spawn", timeout=timedelta(seconds=60))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, gradient_clip_val=CLIP, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        callbacks=[LossRecorder(root / "losses.jsonl"), SaveAt({STEPS: root / "final.ckpt"}),
+                   SaveAdapterAndExport(str(root))],
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(Samples(), batch_size=GLOBAL_BATCH // world, shuffle=False))
+    return {"world": world, "root": root, "module": module, "reference": reference_run(world)}
+
+
+def _eval_logits(model, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _assert_lora_close(got: dict, expected: dict, what: str) -> None:
+    assert set(got) == set(expected), f"{what}: {sorted(set(got) ^ set(expected))[:4]}"
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=0, msg=lambda m: f"{what} {name}: {m}")
+
+
+def test_losses_equal_single_process(run):
+    losses = read_losses(run["root"] / "losses.jsonl")
+    expected = run["reference"]["losses"]
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, loss in losses.items():
+        assert abs(loss - expected[step - 1]) < 1e-5, (step, loss, expected[step - 1])
+
+
+def test_clipping_acted(run):
+    norms = run["reference"]["norms"]
+    assert min(norms) < CLIP < max(norms), norms
+
+
+def test_main_process_holds_the_trained_lora_weights(run):
+    """The spawn launcher re-assembled every expert's LoRA weights for the main process."""
+    expected = run["reference"]["lora"]
+    _assert_lora_close(lora_weights(run["module"].model), expected, "main process")
+    assert any((expected[n] - v).abs().max() > 1e-3 for n, v in lora_weights(peft_model()).items())  # it trained
+
+
+def test_sharded_checkpoint_holds_the_lora_weights(run):
+    root, expected = run["root"], run["reference"]["lora"]
+    full = consolidate_checkpoint(root / "final.ckpt", prefix="model.")
+    # The experts' LoRA is stored unpacked (A [E, r, in], B [E, out, r]); attention LoRA as it is.
+    def packed(name, value):
+        return pack_experts(value, "rows" if ".lora_A." in name else "columns") if value.dim() == 3 else value
+
+    got = {n: packed(n, v) for n, v in full.items() if "lora_" in n}
+    _assert_lora_close(got, expected, "checkpoint")
+    shard = torch.load(root / "final.ckpt" / shard_file(1, 2), weights_only=True)["state_dict"]
+    b_key = "model.base_model.model.model.layers.0.mlp.experts.lora_B.default.weight"
+    assert shard[b_key].shape == (4, 32, 2)  # this EP rank's 4 of 8 experts, unpacked
+
+
+def test_adapter_loads_with_plain_peft(run):
+    """The adapter directory (all experts) loads onto an unconverted model at EP 1."""
+    batch = tiny_batch("mixtral", seed=7)
+    loaded = peft.PeftModel.from_pretrained(base_model(), run["root"] / "adapter")
+    torch.testing.assert_close(
+        _eval_logits(loaded, batch), _eval_logits(run["reference"]["model"], batch), atol=1e-5, rtol=0
+    )
+
+
+def test_merged_export_loads_with_plain_transformers(run):
+    from transformers import AutoModelForCausalLM
+
+    batch = tiny_batch("mixtral", seed=7)
+    merged = AutoModelForCausalLM.from_pretrained(run["root"] / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(
+        _eval_logits(merged, batch), _eval_logits(run["reference"]["model"], batch), atol=1e-5, rtol=0
+    )
+
+
+# ------------------------------------------------------------------------------ in-process
+
+
+def test_lora_on_fused_experts_equals_peft_locally():
+    """EP 1, no strategy: the executor sees W + scaling * B @ A (logits and every LoRA gradient)."""
+    ref, ours = peft_model(), peft_model()
+    convert_model(ours.base_model.model)
+    keys = sharded_expert_keys(ours.base_model.model)
+    assert "model.layers.1.mlp.experts.base_layer.lora_B.default.weight" in keys
+    batch = tiny_batch("mixtral")
+    outs = []
+    for model in (ref, ours):
+        out = model(**batch, output_router_logits=True)
+        out.loss.backward()
+        outs.append((out.logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=0)
+    assert outs[0][1].keys() == outs[1][1].keys() and any("experts.lora_A" in n for n in outs[0][1])
+    for name, grad in outs[0][1].items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(outs[1][1][name], grad, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_gpt_oss_lora_on_transposed_experts_locally():
+    """peft's ParamWrapper on GPT-OSS's transposed experts runs on the executor too."""
+    def build():
+        torch.manual_seed(1)
+        return peft.get_peft_model(tiny_model("gpt_oss"), peft.LoraConfig(
+            r=2, lora_alpha=4, target_parameters=EXPERT_TARGETS, init_lora_weights=False))  # fmt: skip
+
+    ref, ours = build(), build()
+    convert_model(ours.base_model.model)
+    batch = tiny_batch("gpt_oss")
+    out_ref, out = ref(**batch), ours(**batch)
+    torch.testing.assert_close(out.logits, out_ref.logits, atol=1e-5, rtol=0)
+    out_ref.loss.backward()
+    out.loss.backward()
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
