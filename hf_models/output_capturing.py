@@ -30,5 +30,7 @@ def restore_output_capturing(model: nn.Module) -> int:
         can_record = getattr(module, "_can_record_outputs", None)
         if can_record and not _CAN_RECORD_REGISTRY.get(module):
             _CAN_RECORD_REGISTRY[module] = can_record
+            # A forward without the entry installed no hook but marked the model as hooked.
+            vars(module).pop("_output_capturing_hooks_installed", None)
             added += 1
     return added

@@ -48,6 +48,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -565,7 +566,19 @@ class MPipeMoEStrategy(DDPStrategy):
 
 class _MPipeMoESpawnLauncher(_MultiProcessingLauncher):
     """The spawn launcher, handing the main process consolidated weights: its module was never
-    sharded, so rank 0's shards would not load into it."""
+    sharded, so rank 0's shards would not load into it. A module that builds its model in
+    `configure_model` (which only the workers ran) gets it built in the main process too, so
+    that the trained weights have somewhere to go."""
+
+    @override
+    def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: "pl.Trainer") -> None:
+        if worker_output.weights_path is not None:
+            io = self._strategy.checkpoint_io
+            state_dict = io.load_checkpoint(worker_output.weights_path)
+            io.remove_checkpoint(worker_output.weights_path)
+            _load_trained_weights(trainer.lightning_module, state_dict)
+            worker_output = worker_output._replace(weights_path=None)
+        super()._recover_results_in_main_process(worker_output, trainer)
 
     @override
     def _collect_rank_zero_results(self, trainer: "pl.Trainer", results: Any) -> Optional[_WorkerOutput]:
@@ -585,6 +598,19 @@ class _MPipeMoESpawnLauncher(_MultiProcessingLauncher):
             strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
         extra = self.get_extra_results(trainer)
         return _WorkerOutput(best_model_path, weights_path, trainer.state, results, extra)
+
+
+def _load_trained_weights(module: pl.LightningModule, state_dict: dict[str, Tensor]) -> None:
+    """Load the workers' consolidated weights into the main process's module, building what
+    its `configure_model` builds first when the module lacks those weights."""
+    if set(state_dict) - set(module.state_dict()) and is_overridden("configure_model", module, pl.LightningModule):
+        module.configure_model()  # on the CPU, unsharded: the weights arrive consolidated
+    unexpected = module.load_state_dict(state_dict, strict=False).unexpected_keys
+    if unexpected:
+        rank_zero_warn(
+            f"the main process's {type(module).__name__} has no place for {len(unexpected)} trained weights of the "
+            f"workers (e.g. {unexpected[:3]}); they are not loaded"
+        )
 
 
 if "mpipemoe" not in StrategyRegistry:
