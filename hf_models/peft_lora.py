@@ -44,7 +44,11 @@ from lightning_mpipemoe.groups import MoEProcessGroups
 from .experts_interface import BINDING_ATTR
 
 __all__ = [
+    "LORA_TARGETS",
+    "apply_peft",
+    "check_peft_spec",
     "expert_lora_keys",
+    "export_lora_run",
     "expert_lora_wrappers",
     "export_merged",
     "lora_state_dict",
@@ -190,3 +194,111 @@ def export_merged(peft_model: nn.Module, out_dir: str | os.PathLike, groups: MoE
 
     merged = peft_model.merge_and_unload()
     return merged, export_pretrained(merged, out_dir, groups, **kwargs)
+
+
+# ------------------------------------------------------------------------------ recipe presets
+
+#: What `apply_peft(model, {"method": "lora", "targets": ...})` adapts.
+LORA_TARGETS = ("attention", "experts", "all")
+_SPEC_KEYS = {"method", "targets", "r", "alpha", "dropout"}
+
+
+def check_peft_spec(spec) -> dict | None:
+    """Validate a recipe's `peft` section (`conf/peft/*.yaml`); returns it as a plain dict, or
+    None for `method: none`. Raises a ValueError naming the bad value and what is valid."""
+    if spec is None:
+        return None
+    spec = dict(spec)
+    unknown = sorted(set(spec) - _SPEC_KEYS)
+    if unknown:
+        raise ValueError(f"peft: unknown keys {unknown}; valid keys: {sorted(_SPEC_KEYS)}")
+    method = spec.get("method", "none")
+    if method == "none":
+        return None
+    if method != "lora":
+        raise ValueError(f"peft.method must be 'none' or 'lora', got {method!r}")
+    if spec.get("targets") not in LORA_TARGETS:
+        raise ValueError(f"peft.targets must be one of {LORA_TARGETS}, got {spec.get('targets')!r}")
+    for key in ("r", "alpha"):
+        value = spec.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"peft.{key} must be a positive number, got {value!r}")
+    if not float(spec["r"]).is_integer():
+        raise ValueError(f"peft.r must be an integer, got {spec['r']!r}")
+    dropout = spec.get("dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"peft.dropout must be in [0, 1), got {dropout!r}")
+    return spec
+
+
+def _attention_targets(model: nn.Module) -> list[str]:
+    """Leaf names of the linear projections inside attention modules (q/k/v/o_proj, Switch's q/k/v/o)."""
+    names = set()
+    for name, module in model.named_modules():
+        parent = name.rpartition(".")[0].rpartition(".")[2].lower()
+        if isinstance(module, nn.Linear) and ("attn" in parent or "attention" in parent):
+            names.add(name.rpartition(".")[2])
+    return sorted(names)
+
+
+def _expert_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(target_parameters of the fused routed experts, target_modules of shared experts)."""
+    from .mixtral_style import expert_param_names, find_experts_modules
+
+    found = find_experts_modules(model)
+    if not found:
+        raise ValueError(
+            f"peft.targets=experts needs fused experts (@use_experts_implementation); {type(model).__name__} has none "
+            "(Switch Transformers' per-expert modules are not supported: use peft.targets=attention)"
+        )
+    params = sorted({f"experts.{p}" for _, m in found for p in expert_param_names(m) if not p.endswith("_bias")})
+    shared = sorted(
+        {
+            f"{name.rpartition('.')[0].rpartition('.')[2]}.{name.rpartition('.')[2]}"
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and "shared_expert" in name.rpartition(".")[0]
+        }
+    )
+    return params, shared
+
+
+def apply_peft(model: nn.Module, spec) -> nn.Module:
+    """The model with peft's LoRA per a recipe's `peft` section (unchanged for `method: none`).
+
+    targets: "attention" (the attention projections), "experts" (the fused routed experts via
+    `target_parameters`, and shared experts' projections), "all" (both). Works on a model that
+    `load_sharded` / `convert_model` already sharded: the experts' LoRA is then created with this
+    rank's experts (the strategy makes expert-data-parallel replicas equal).
+    """
+    spec = check_peft_spec(spec)
+    if spec is None:
+        return model
+    import peft
+
+    modules, params = [], []
+    if spec["targets"] in ("attention", "all"):
+        modules += _attention_targets(model)
+    if spec["targets"] in ("experts", "all"):
+        expert_params, shared = _expert_targets(model)
+        params += expert_params
+        modules += shared
+    config = peft.LoraConfig(
+        r=int(spec["r"]),
+        lora_alpha=spec["alpha"],
+        lora_dropout=spec.get("dropout", 0.0),
+        target_modules=modules or None,
+        target_parameters=params or None,
+    )
+    return peft.get_peft_model(model, config)
+
+
+def export_lora_run(
+    peft_model: nn.Module, export_dir: str | os.PathLike, groups: MoEProcessGroups | None, tokenizer_dir=None
+) -> tuple[Path | None, Path | None]:
+    """Collective, at the end of a LoRA run: the adapter directory (`{export_dir}_adapter`) and
+    a merged Hugging Face export at `export_dir` (the adapters are merged into the model in
+    place: call it last). Returns (export, adapter) on global rank 0, (None, None) elsewhere."""
+    export_dir = Path(export_dir)
+    adapter = save_lora_adapter(peft_model, export_dir.with_name(export_dir.name + "_adapter"), groups)
+    _, written = export_merged(peft_model, export_dir, groups, tokenizer_dir=tokenizer_dir)
+    return written, adapter

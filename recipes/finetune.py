@@ -194,7 +194,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # _convert_="all": plain lists and dicts. The module's hyper-parameters go into checkpoints,
     # which torch.load(weights_only=True) reads without OmegaConf's classes.
-    module = instantiate(cfg.model.module, _convert_="all", model_path=str(model_dir), **cfg.optim)
+    peft_spec = OmegaConf.to_container(cfg.peft) if cfg.get("peft") is not None else None
+    module = instantiate(cfg.model.module, _convert_="all", model_path=str(model_dir), peft=peft_spec, **cfg.optim)
     data = instantiate(cfg.data, tokenizer=str(model_dir), task=module.task)
     data.check()
     top_k = hf_config.get("num_experts_per_tok") or 1
@@ -244,6 +245,12 @@ def _export(prepared: Prepared, export_dir: Path) -> Path | None:
     from lightning_mpipemoe.hf_models.api import export_from_state_dicts
 
     strategy = prepared.trainer.strategy
+    if prepared.module.hparams.get("peft"):  # LoRA: merged export and the adapter beside it
+        from lightning_mpipemoe.hf_models.peft_lora import export_lora_run
+
+        written, _ = export_lora_run(prepared.module.model, export_dir, strategy.moe_groups, prepared.model_dir)
+        strategy.barrier("mpipemoe-finetune.export")
+        return written
     full = strategy.consolidated_state_dict()  # every expert, on EP rank 0 of each EP group
     written = None
     if strategy.is_global_zero:
