@@ -73,11 +73,12 @@ class Samples(Dataset):
 
 
 def shard(step: int, rank: int, world: int) -> dict:
-    """What rank `rank` of `world` trains on at `step` (one epoch): Lightning gives each rank a
-    `DistributedSampler(shuffle=True, seed=0)`, rank r taking positions r, r+W, ... of
-    `randperm(n)` seeded with the epoch."""
+    """What rank `rank` of `world` trains on at `step` (from 0; `STEPS` per epoch): Lightning
+    gives each rank a `DistributedSampler(shuffle=True, seed=0)`, rank r taking positions
+    r, r+W, ... of `randperm(n)` seeded with the epoch."""
     data, per_rank = Samples(), GLOBAL_BATCH // world
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[rank::world]
+    epoch, step = divmod(step, STEPS)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))[rank::world]
     items = [data[int(i)] for i in order[step * per_rank : (step + 1) * per_rank]]
     return {k: torch.stack([item[k] for item in items]) for k in items[0]}
 
@@ -86,12 +87,12 @@ def lora_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def reference_run(world: int) -> dict:
+def reference_run(world: int, steps: int = STEPS) -> dict:
     module = MoECausalLMModule(peft_model(), learning_rate=LR)
     optimizer = module.configure_optimizers()
     trainable = [p for p in module.parameters() if p.requires_grad]
     losses, norms = [], []
-    for step in range(STEPS):
+    for step in range(steps):
         loss = sum(module.compute_loss(shard(step, r, world))[0] for r in range(world)) / world
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, CLIP)))
@@ -174,6 +175,26 @@ def test_sharded_checkpoint_holds_the_lora_weights(run):
     shard = torch.load(root / "final.ckpt" / shard_file(1, 2), weights_only=True)["state_dict"]
     b_key = "model.base_model.model.model.layers.0.mlp.experts.lora_B.default.weight"
     assert shard[b_key].shape == (4, 32, 2)  # this EP rank's 4 of 8 experts, unpacked
+
+
+def test_resume_at_another_ep_size(run, tmp_path):
+    """The EP = 2 checkpoint resumes at EP = 1 x DP = 2 (LoRA weights and their Adam state cut
+    for the other layout) and the next step equals the reference's sixth."""
+    if run["world"] != 2:
+        pytest.skip("one resume suffices: from the EP = 2 run")
+    strategy = MPipeMoEStrategy(expert_parallel_size=1, start_method="spawn", timeout=timedelta(seconds=60))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_steps=STEPS + 1, gradient_clip_val=CLIP, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[LossRecorder(tmp_path / "losses.jsonl")],
+    )  # fmt: skip
+    module = MoECausalLMModule(peft_model(), learning_rate=LR)
+    loader = DataLoader(Samples(), batch_size=GLOBAL_BATCH // 2, shuffle=False)
+    trainer.fit(module, loader, ckpt_path=run["root"] / "final.ckpt")
+    reference = reference_run(2, steps=STEPS + 1)
+    assert list(read_losses(tmp_path / "losses.jsonl")) == [STEPS + 1]
+    assert abs(read_losses(tmp_path / "losses.jsonl")[STEPS + 1] - reference["losses"][STEPS]) < 1e-5
+    _assert_lora_close(lora_weights(module.model), reference["lora"], "resumed")
 
 
 def test_adapter_loads_with_plain_peft(run):
