@@ -319,3 +319,32 @@ def test_bad_peft_section_is_refused(spec, message):
     with pytest.raises(ValueError, match=message):
         check_peft_spec(spec)
     assert check_peft_spec({"method": "none"}) is None
+
+
+def test_presets_cover_attention_routed_and_shared_experts():
+    """`apply_peft` (the recipe's presets) on Qwen2-MoE: attention projections, the fused routed
+    experts and the shared expert's projections; the converted model equals plain peft."""
+    from lightning_mpipemoe.hf_models.peft_lora import apply_peft
+
+    spec = {"method": "lora", "targets": "all", "r": 2, "alpha": 4}
+    torch.manual_seed(1)
+    ref = apply_peft(tiny_model("qwen2_moe"), spec)
+    config = ref.peft_config["default"]
+    assert set(config.target_modules) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "shared_expert.gate_proj", "shared_expert.up_proj",
+        "shared_expert.down_proj",
+    }  # fmt: skip
+    assert sorted(config.target_parameters) == ["experts.down_proj", "experts.gate_up_proj"]
+    torch.manual_seed(1)
+    ours = apply_peft(convert_model(tiny_model("qwen2_moe")), spec)  # LoRA after converting works too
+    ours.load_state_dict(ref.state_dict())
+    batch = tiny_batch("qwen2_moe")
+    out_ref, out = ref(**batch, output_router_logits=True), ours(**batch, output_router_logits=True)
+    torch.testing.assert_close(out.logits, out_ref.logits, atol=1e-5, rtol=0)
+    out_ref.loss.backward()
+    out.loss.backward()
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert any("shared_expert.up_proj.lora_A" in n for n in grads)
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
