@@ -571,6 +571,18 @@ class _MPipeMoESpawnLauncher(_MultiProcessingLauncher):
     that the trained weights have somewhere to go."""
 
     @override
+    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
+        # A transformers model that ran a forward here carries output-capturing hooks, which
+        # cannot be pickled; transformers installs them again at the next forward.
+        modules = [a for a in (*args, *kwargs.values()) if isinstance(a, nn.Module)]
+        if modules:
+            from lightning_mpipemoe.hf_models.output_capturing import drop_output_capturing_hooks
+
+            for module in modules:
+                drop_output_capturing_hooks(module)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+    @override
     def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: "pl.Trainer") -> None:
         if worker_output.weights_path is not None:
             io = self._strategy.checkpoint_io
