@@ -30,6 +30,7 @@ its own experts' LoRA into its own expert shards) followed by `export_pretrained
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -217,6 +218,8 @@ def check_peft_spec(spec) -> dict | None:
         return None
     if method != "lora":
         raise ValueError(f"peft.method must be 'none' or 'lora', got {method!r}")
+    if importlib.util.find_spec("peft") is None:
+        raise ImportError("peft.method=lora needs the peft package: pip install 'lightning-mpipemoe[peft]'")
     if spec.get("targets") not in LORA_TARGETS:
         raise ValueError(f"peft.targets must be one of {LORA_TARGETS}, got {spec.get('targets')!r}")
     for key in ("r", "alpha"):
