@@ -320,6 +320,6 @@ def gather_full_state_dict(
         shard = local[key].to(device or local[key].device).contiguous()
         pieces = [torch.empty_like(shard) for _ in range(groups.ep_size)] if mine else None
         dist.gather(shard, pieces, dst=dst, group=groups.ep)
-        if mine:
-            local[key] = torch.cat(pieces).to(local[key].device)
+        if mine:  # each piece to the module's device (the CPU after teardown) before joining
+            local[key] = torch.cat([piece.to(local[key].device) for piece in pieces])
     return local if mine else None

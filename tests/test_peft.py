@@ -348,3 +348,26 @@ def test_presets_cover_attention_routed_and_shared_experts():
     for name, p in ref.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_frozen_bf16_base_with_fp32_lora_locally():
+    """The low-precision-base pattern the stack allows: bf16 frozen weights (experts included),
+    fp32 LoRA weights (peft's autocast_adapter_dtype); equal to plain peft, gradients fp32."""
+    def build():
+        torch.manual_seed(1)
+        return peft.get_peft_model(tiny_model("mixtral").to(torch.bfloat16), lora_config())
+
+    ref, ours = build(), build()
+    convert_model(ours.base_model.model)
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in ours.parameters() if not p.requires_grad} == {torch.bfloat16}
+    batch = tiny_batch("mixtral")
+    out_ref, out = ref(**batch), ours(**batch)
+    torch.testing.assert_close(out.logits, out_ref.logits, atol=1e-2, rtol=1e-2)
+    out_ref.loss.backward()
+    out.loss.backward()
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    for name, p in ref.named_parameters():
+        if p.requires_grad:
+            assert grads[name].dtype == torch.float32, name
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-3, rtol=1e-2, msg=lambda m: f"{name}: {m}")
