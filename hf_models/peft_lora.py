@@ -50,6 +50,7 @@ __all__ = [
     "check_peft_spec",
     "expert_lora_keys",
     "export_lora_run",
+    "merged_state_dict",
     "expert_lora_wrappers",
     "export_merged",
     "lora_state_dict",
@@ -305,3 +306,22 @@ def export_lora_run(
     adapter = save_lora_adapter(peft_model, export_dir.with_name(export_dir.name + "_adapter"), groups)
     _, written = export_merged(peft_model, export_dir, groups, tokenizer_dir=tokenizer_dir)
     return written, adapter
+
+
+def merged_state_dict(state: dict[str, torch.Tensor], hf_config, spec) -> dict[str, torch.Tensor]:
+    """Offline merge for `recipes.convert`: a consolidated checkpoint state dict of a LoRA run
+    (the peft model's keys, experts' LoRA unpacked as the strategy stores it) -> the merged
+    Hugging Face model's state dict (unconverted keys). Rebuilds the model on the CPU with the
+    same `apply_peft(spec)`, loads, and lets peft merge (`merge_and_unload`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if getattr(hf_config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    with torch.device("cpu"):
+        model = apply_peft(auto.from_config(hf_config), spec)
+    packed = {}
+    for key, value in state.items():
+        if "lora_" in key and value.dim() == 3:  # an expert LoRA weight as checkpoints hold it
+            value = pack_experts(value, "rows" if ".lora_A." in key else "columns")
+        packed[key] = value
+    model.load_state_dict(packed, strict=True)
+    return {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}

@@ -85,6 +85,11 @@ def convert_checkpoint(
     state = consolidate_checkpoint(checkpoint, prefix=prefix)
     if not state:
         raise ConvertError(f"{checkpoint} holds no weights under the prefix {prefix!r}; pass --prefix")
+    peft_spec = (meta.get("hyper_parameters") or {}).get("peft")
+    if peft_spec and peft_spec.get("method", "none") != "none":  # a LoRA run: merge the adapters
+        from lightning_mpipemoe.hf_models.peft_lora import merged_state_dict
+
+        state = merged_state_dict(state, hf_config, peft_spec)
     return export_from_state_dicts([state], hf_config, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
 
 

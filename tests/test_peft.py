@@ -302,6 +302,14 @@ def test_recipe_peft_lora_end_to_end(tmp_path):
     batch = {"input_ids": torch.arange(2, 18).reshape(2, 8)}
     merged = AutoModelForCausalLM.from_pretrained(export)
     torch.testing.assert_close(_eval_logits(loaded, batch), _eval_logits(merged, batch), atol=1e-5, rtol=0)
+    # recipes.convert merges the LoRA of the strategy checkpoint offline, to the same weights.
+    from safetensors.torch import load_file
+
+    from lightning_mpipemoe.recipes.convert import convert_checkpoint
+
+    converted = convert_checkpoint(summary["checkpoint"], tmp_path / "converted")
+    exported, again = load_file(export / "model.safetensors"), load_file(converted / "model.safetensors")
+    assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
 
 
 @pytest.mark.parametrize(
