@@ -243,11 +243,10 @@ def _export(prepared: Prepared, export_dir: Path) -> Path | None:
     from transformers import AutoConfig
 
     from lightning_mpipemoe.hf_models.api import export_from_state_dicts
+    from lightning_mpipemoe.hf_models.peft_lora import check_peft_spec, export_lora_run
 
     strategy = prepared.trainer.strategy
-    if prepared.module.hparams.get("peft"):  # LoRA: merged export and the adapter beside it
-        from lightning_mpipemoe.hf_models.peft_lora import export_lora_run
-
+    if check_peft_spec(prepared.module.hparams.get("peft")) is not None:  # LoRA: merged export, adapter beside it
         written, _ = export_lora_run(prepared.module.model, export_dir, strategy.moe_groups, prepared.model_dir)
         strategy.barrier("mpipemoe-finetune.export")
         return written
