@@ -115,7 +115,7 @@ class SaveAdapterAndExport(Callback):
         export_merged(copy.deepcopy(pl_module.model), Path(self.root) / "merged", groups)
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["ep2", "ep2xdp2"])
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)], ids=["ep2", "ep2xdp2"])
 def run(request, tmp_path_factory):
     world = request.param
     root = tmp_path_factory.mktemp(f"peft{world}")
