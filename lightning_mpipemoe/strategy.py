@@ -616,7 +616,13 @@ def _load_trained_weights(module: pl.LightningModule, state_dict: dict[str, Tens
     """Load the workers' consolidated weights into the main process's module, building what
     its `configure_model` builds first when the module lacks those weights."""
     if set(state_dict) - set(module.state_dict()) and is_overridden("configure_model", module, pl.LightningModule):
-        module.configure_model()  # on the CPU, unsharded: the weights arrive consolidated
+        try:
+            module.configure_model()  # on the CPU, unsharded: the weights arrive consolidated
+        except Exception as exc:  # the run itself succeeded: say what is missing, do not lose the result
+            rank_zero_warn(
+                f"{type(module).__name__}.configure_model() failed in the main process ({type(exc).__name__}: {exc}); "
+                "the trained weights stay in the workers' checkpoints only"
+            )
     unexpected = module.load_state_dict(state_dict, strict=False).unexpected_keys
     if unexpected:
         rank_zero_warn(
