@@ -166,7 +166,8 @@ def lora_state_dict(peft_model: nn.Module, groups: MoEProcessGroups | None = Non
         num_experts, layout = sharded[name]
         shard = param.detach().contiguous()
         pieces = [torch.empty_like(shard) for _ in range(groups.ep_size)] if mine else None
-        collectives.gather(shard, pieces, dst=dist.get_global_rank(groups.ep, 0), group=groups.ep, site="peft_lora.gather")
+        dst = dist.get_global_rank(groups.ep, 0)
+        collectives.gather(shard, pieces, dst=dst, group=groups.ep, site="peft_lora.lora_state_dict")
         if not mine:
             continue
         local = num_experts // groups.ep_size

@@ -63,8 +63,9 @@ def _assert_state_equal(got: dict, expected: dict) -> None:
 
 
 def test_readme_pattern_trains_with_the_router_aux_loss(loaded_in_main):
-    """The model even ran a forward in the main process first. Step 1's loss (mean over both ranks) equals the single-process loss of the initial model
-    on the same shards, aux loss included (a lost aux loss would crash or lower it)."""
+    """The model even ran a forward in the main process first. Step 1's loss (mean over both
+    ranks) equals the single-process loss of the initial model on the same shards, aux loss
+    included (a lost aux loss would crash or lower it)."""
     root, _ = loaded_in_main
     reference = MoECausalLMModule(tiny_model("mixtral", seed=0), learning_rate=LR)
     parts = [reference.compute_loss(shard(0, r, 2)) for r in range(2)]
