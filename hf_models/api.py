@@ -32,12 +32,14 @@ from lightning_mpipemoe.hf_models.experts_interface import (
     mpipemoe_experts_forward,
     register_experts_implementation,
 )
+from lightning_mpipemoe.hf_models.gpt_oss import GptOssAdapter
 from lightning_mpipemoe.hf_models.mixtral_style import MixtralStyleAdapter
 from lightning_mpipemoe.hf_models.registry import (
     UnsupportedModelError,
     adapter_for,
     convert_model,
     covered_model_types,
+    packed_expert_keys,
     register_adapter,
     routing_stats,
     sharded_expert_keys,
@@ -49,6 +51,7 @@ _LAZY = {"MoECausalLMModule", "MoESeq2SeqModule", "MoEFineTuneModule"}
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
     "ExecutorBinding",
+    "GptOssAdapter",
     "LoadReport",
     "MixtralStyleAdapter",
     "SwitchAdapter",
@@ -63,6 +66,7 @@ __all__ = [
     "gather_full_state_dict",
     "load_sharded",
     "mpipemoe_experts_forward",
+    "packed_expert_keys",
     "register_adapter",
     "register_experts_implementation",
     "routing_stats",

@@ -98,31 +98,28 @@ def is_hf_experts_module(module: nn.Module) -> bool:
 
 
 def check_experts_layout(module: nn.Module, name: str = "") -> None:
-    """Raise `UnsupportedExpertsLayout` unless `module` has the standard fused layout.
+    """Raise `UnsupportedExpertsLayout` unless the executor can run `module`'s experts.
 
     Taken: `gate_up_proj [E, 2I, H]` (or `up_proj [E, I, H]` without gate) and
-    `down_proj [E, H, I]`, optional biases, any `_apply_gate`. Not taken: transposed
-    weights (`[E, H, 2I]`, e.g. GPT-OSS), interleaved gate/up rows with the default gate,
-    a norm after each expert.
+    `down_proj [E, H, I]`, or both transposed (`[E, H, 2I]`, `[E, I, H]`, e.g. GPT-OSS: the
+    executor reads transposed views), optional biases, any `_apply_gate` (interleaved
+    gate/up rows come with their own, e.g. GPT-OSS's clamped SwiGLU). Not taken:
+    interleaved gate/up rows with the default (chunking) gate, a norm after each expert.
     """
     where = f"{type(module).__name__}{f' at {name!r}' if name else ''}"
-    if module.is_transposed:
-        raise UnsupportedExpertsLayout(
-            f"{where} stores transposed expert weights ([E, H, 2I]); the mpipemoe executor takes the "
-            "standard fused layout gate_up_proj [E, 2I, H], down_proj [E, H, I]"
-        )
     if not module.is_concatenated and type(module)._apply_gate is _default_apply_gate:
         raise UnsupportedExpertsLayout(
             f"{where} interleaves gate and up rows but uses the default gate; the mpipemoe executor "
-            "takes concatenated [gate; up] rows"
+            "takes concatenated [gate; up] rows, or interleaved ones with the module's own _apply_gate"
         )
     if getattr(module, "has_post_expert_norm", False):
         raise UnsupportedExpertsLayout(f"{where} applies a norm after each expert, which the mpipemoe executor lacks")
     input_name = "gate_up_proj" if module.has_gate else "up_proj"
+    layout = "[E, in, out]" if module.is_transposed else "[E, out, in]"
     for param in (input_name, "down_proj"):
         weight = getattr(module, param, None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
-            raise UnsupportedExpertsLayout(f"{where} has no 3-D {param!r} parameter [E, out, in]")
+            raise UnsupportedExpertsLayout(f"{where} has no 3-D {param!r} parameter {layout}")
 
 
 def get_binding(module: nn.Module) -> ExecutorBinding:
@@ -146,19 +143,26 @@ def get_binding(module: nn.Module) -> ExecutorBinding:
 
 
 def expert_weights_of(module: nn.Module) -> ExpertWeights:
-    """Views of the module's local expert parameters in the executor's layout (no copies)."""
+    """Views of the module's local expert parameters in the executor's layout (no copies).
+
+    The weights are read through the module's attributes, so a parametrization on them is
+    applied: under peft's `target_parameters` LoRA (`ParamWrapper`) the executor sees
+    `W + scaling * B @ A` per expert, and autograd carries the gradient to A and B.
+    """
     if module.has_gate:
         w_in, b_in = module.gate_up_proj, getattr(module, "gate_up_proj_bias", None)
     else:
         w_in, b_in = module.up_proj, getattr(module, "up_proj_bias", None)
-    b_out = getattr(module, "down_proj_bias", None)
+    w_out, b_out = module.down_proj, getattr(module, "down_proj_bias", None)
+    if module.is_transposed:  # [E, H, O] and [E, I, H] (GPT-OSS): transposed views, not copies
+        w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
     if not module.has_bias:
         b_in = b_out = None
     custom_gate = module.has_gate and type(module)._apply_gate is not _default_apply_gate
     activation = getattr(module, "act_fn", None)
     return ExpertWeights(
         w_in_EOH=w_in,
-        w_out_EHI=module.down_proj,
+        w_out_EHI=w_out,
         b_in_EO=b_in,
         b_out_EH=b_out,
         gated=module.has_gate,

@@ -11,7 +11,8 @@ the experts call changes. Converting a model:
 4. switches the model to the `"mpipemoe"` experts implementation.
 
 State-dict keys stay Hugging Face's (`...experts.gate_up_proj`, now `[L, 2I, H]` per rank),
-so consolidation is a concatenation along dim 0 in EP-rank order.
+so consolidation is a concatenation along dim 0 in EP-rank order. peft's LoRA on the fused
+experts (`target_parameters`) is sharded with them (`peft_lora.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .experts_interface import (
     check_experts_layout,
     is_hf_experts_module,
 )
+from .peft_lora import expert_lora_keys, shard_expert_lora
 
 __all__ = ["MixtralStyleAdapter", "expert_param_names", "find_experts_modules"]
 
@@ -96,6 +98,7 @@ class MixtralStyleAdapter:
                 start, end = binding.local_range
                 for param_name in expert_param_names(module):
                     _shard_dim0(module, param_name, start, end)
+                shard_expert_lora(model, module, num_experts, start, end)  # peft's target_parameters LoRA
                 # HF's own convention after expert sharding (see transformers' MoEParamShard): the
                 # module counts its local experts; the binding keeps the global count.
                 module.num_experts = binding.num_local_experts
@@ -112,6 +115,17 @@ class MixtralStyleAdapter:
             num_experts = binding.num_experts if binding is not None else module.num_experts
             for param_name in expert_param_names(module):
                 keys[f"{name}.{param_name}" if name else param_name] = num_experts
+            keys.update({key: count for key, (count, _) in expert_lora_keys(model, module, num_experts).items()})
+        return keys
+
+    def packed_expert_keys(self, model: nn.Module) -> dict[str, tuple[int, str]]:
+        """The expert-sharded keys that pack their experts into 2-D (peft's LoRA on the fused
+        experts, `peft_lora.py`) -> (global expert count, layout of `discovery.unpack_experts`)."""
+        keys = {}
+        for name, module in find_experts_modules(model):
+            binding = getattr(module, BINDING_ATTR, None)
+            num_experts = binding.num_experts if binding is not None else module.num_experts
+            keys.update(expert_lora_keys(model, module, num_experts))
         return keys
 
     def to_hf_state_dict(self, model: nn.Module, state_dict: dict) -> dict:

@@ -23,7 +23,9 @@ from lightning_mpipemoe.groups import MoEProcessGroups
 from lightning_mpipemoe.moe import RoutingStats
 
 from .experts_interface import BINDING_ATTR
+from .gpt_oss import GptOssAdapter
 from .mixtral_style import MixtralStyleAdapter
+from .output_capturing import restore_output_capturing
 from .switch import SwitchAdapter
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "adapter_for",
     "convert_model",
     "covered_model_types",
+    "packed_expert_keys",
     "register_adapter",
     "routing_stats",
     "sharded_expert_keys",
@@ -81,16 +84,16 @@ MIXTRAL_STYLE_MODEL_TYPES = (
 
 #: Known MoE families that are not covered, with the reason.
 _NOT_COVERED_REASONS = {
-    "gpt_oss": "its experts store transposed, interleaved weights with biases",
-    "aria": "its experts store transposed weights",
-    "aria_text": "its experts store transposed weights",
-    "openai_privacy_filter": "its experts store transposed weights",
+    "aria": "its transposed experts layout is not tested yet (the executor takes it, as for gpt_oss)",
+    "aria_text": "its transposed experts layout is not tested yet (the executor takes it, as for gpt_oss)",
+    "openai_privacy_filter": "its transposed experts layout is not tested yet (the executor takes it, as for gpt_oss)",
     "muse_spark": "its experts apply a norm after each expert",
     "muse_spark_text": "its experts apply a norm after each expert",
 }
 
 _ADAPTERS: dict[str, Adapter] = {model_type: _MIXTRAL_STYLE for model_type in MIXTRAL_STYLE_MODEL_TYPES}
 _ADAPTERS["switch_transformers"] = SwitchAdapter()
+_ADAPTERS["gpt_oss"] = GptOssAdapter()
 
 
 def register_adapter(model_type: str, adapter: Adapter, *, overwrite: bool = False) -> None:
@@ -136,6 +139,7 @@ def convert_model(
     `RoutingStats` per MoE layer (see `routing_stats`).
     """
     adapter = adapter_for(model)
+    restore_output_capturing(model)  # a model unpickled in a spawned worker lost it (router aux loss)
     adapter.convert(model, groups or MoEProcessGroups.local(), config or ExecutorConfig(), track_stats)
     setattr(model, ADAPTER_ATTR, adapter)
     return model
@@ -149,6 +153,15 @@ def routing_stats(model: nn.Module) -> dict[str, RoutingStats]:
         if binding is not None and binding.stats is not None:
             out[name] = binding.stats
     return out
+
+
+def packed_expert_keys(model: nn.Module) -> dict[str, tuple[int, str]]:
+    """The subset of `sharded_expert_keys` that pack their experts into 2-D (peft's LoRA on
+    fused experts, see `peft_lora.py`) -> (global expert count, layout); stored unpacked in
+    checkpoints (`lightning_mpipemoe.discovery.unpack_experts`)."""
+    adapter = getattr(model, ADAPTER_ATTR, None) or adapter_for(model)
+    read = getattr(adapter, "packed_expert_keys", None)
+    return read(model) if callable(read) else {}
 
 
 def sharded_expert_keys(model: nn.Module) -> dict[str, int]:

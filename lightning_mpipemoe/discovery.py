@@ -14,7 +14,9 @@ experts module's binding) reach the tuner without the strategy knowing it:
 checkpoints) and `executor_metrics()` (numbers logged every step).
 
 Adding a kind means writing one class and listing it in `KINDS`; the strategy itself does
-not change.
+not change. A kind may also report `packed_expert_parameters(module)`: expert-sharded
+parameters that pack their experts into 2-D (peft's LoRA A `[r*E, in]` and B `[out, r*E]` on
+fused experts), which checkpoints store unpacked, dim 0 the expert (`unpack_experts`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from lightning_mpipemoe.config import ExecutorConfig
@@ -36,7 +39,10 @@ __all__ = [
     "LayerKind",
     "MoELayerKind",
     "MoEUnit",
+    "PACKED_LAYOUTS",
     "find_moe_units",
+    "pack_experts",
+    "unpack_experts",
     "load_executor_state",
     "read_executor_metrics",
     "read_executor_state",
@@ -80,6 +86,34 @@ class LayerKind(Protocol):
     def to_unconverted(self, module: nn.Module, full_state_dict: dict) -> dict:
         """A consolidated (full-expert) state dict of the unit, keyed like the module before
         `shard` (what an unsharded copy of the model loads)."""
+
+
+#: How a packed expert tensor holds its E experts in 2-D (peft's LoRA on fused experts):
+#: "rows": `[k*E, in]`, expert-major rows (`lora_A`: `reshape(E, k, in)`);
+#: "columns": `[out, k*E]`, expert-minor columns (`lora_B`: `reshape(out, k, E)`).
+PACKED_LAYOUTS = ("rows", "columns")
+
+
+def unpack_experts(packed: torch.Tensor, num_experts: int, layout: str) -> torch.Tensor:
+    """A packed `[k*E, in]` / `[out, k*E]` tensor -> `[E, k, in]` / `[E, out, k]`: dim 0 the
+    expert, like every other expert-sharded tensor (what checkpoints cut and join)."""
+    if layout not in PACKED_LAYOUTS:
+        raise ValueError(f"packed expert layout must be one of {PACKED_LAYOUTS}, got {layout!r}")
+    dim = 0 if layout == "rows" else 1
+    if packed.dim() != 2 or packed.shape[dim] % num_experts:
+        raise ValueError(f"a {layout}-packed tensor of shape {tuple(packed.shape)} cannot hold {num_experts} experts")
+    if layout == "rows":
+        return packed.reshape(num_experts, packed.shape[0] // num_experts, packed.shape[1])
+    out, width = packed.shape
+    return packed.reshape(out, width // num_experts, num_experts).permute(2, 0, 1).contiguous()
+
+
+def pack_experts(unpacked: torch.Tensor, layout: str) -> torch.Tensor:
+    """The inverse of `unpack_experts`."""
+    num_experts, a, b = unpacked.shape
+    if layout == "rows":
+        return unpacked.reshape(num_experts * a, b)
+    return unpacked.permute(1, 2, 0).reshape(a, b * num_experts)
 
 
 def _with_overrides(config: ExecutorConfig, overrides: dict[str, Any]) -> ExecutorConfig:
@@ -166,6 +200,11 @@ class HFModelKind:
             raise RuntimeError(f"hf_models reported expert keys that are not parameters of the model: {missing[:5]}")
         return keys
 
+    def packed_expert_parameters(self, module: nn.Module) -> dict[str, tuple[int, str]]:
+        from lightning_mpipemoe.hf_models.api import packed_expert_keys
+
+        return packed_expert_keys(module)
+
     def executors(self, module: nn.Module) -> dict[str, ExecutorView]:
         from lightning_mpipemoe.hf_models.experts_interface import BINDING_ATTR
 
@@ -211,6 +250,14 @@ class MoEUnit:
 
     def executors(self) -> dict[str, ExecutorView]:
         return {self.qualify(name): view for name, view in self.kind.executors(self.module).items()}
+
+    def packed_expert_parameters(self) -> dict[str, tuple[int, str]]:
+        """The subset of `expert_parameters` that pack their experts into 2-D (peft's LoRA on
+        fused experts) -> (global expert count, layout): a kind's optional
+        `packed_expert_parameters`."""
+        read = getattr(self.kind, "packed_expert_parameters", None)
+        found = read(self.module) if callable(read) else {}
+        return {self.qualify(name): spec for name, spec in found.items()}
 
 
 def find_moe_units(root: nn.Module, kinds: tuple[LayerKind, ...] = KINDS) -> list[MoEUnit]:

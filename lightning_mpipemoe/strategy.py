@@ -48,6 +48,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -70,7 +71,15 @@ from lightning_mpipemoe.checkpointing import (
     split_checkpoint,
 )
 from lightning_mpipemoe.config import SimulatedLink, executor_overrides
-from lightning_mpipemoe.discovery import ExecutorView, MoEUnit, find_moe_units, load_executor_state, read_executor_state
+from lightning_mpipemoe.discovery import (
+    ExecutorView,
+    MoEUnit,
+    find_moe_units,
+    load_executor_state,
+    pack_experts,
+    read_executor_state,
+    unpack_experts,
+)
 from lightning_mpipemoe.grad_sync import DEFAULT_BUCKET_BYTES, ExpertGradReducer, clip_grad_norm_
 from lightning_mpipemoe.groups import DEFAULT_TIMEOUT, MoEProcessGroups, build_process_groups, check_parallel_sizes
 from lightning_mpipemoe.moe_metrics import moe_step_metrics
@@ -192,6 +201,7 @@ class MPipeMoEStrategy(DDPStrategy):
         self._reported_layout: str | None = None
         self._units: list[MoEUnit] = []
         self._expert_keys: dict[str, int] = {}
+        self._packed_keys: dict[str, tuple[int, str]] = {}  # peft's LoRA on fused experts
         self._expert_params: list[nn.Parameter] = []
         self._bucket_bytes = expert_bucket_bytes
         self._grads_in_fp32 = bool(expert_grads_in_fp32)
@@ -318,7 +328,7 @@ class MPipeMoEStrategy(DDPStrategy):
                 "MoELayer nor a Hugging Face MoE model that lightning_mpipemoe.hf_models covers); it trains as "
                 "plain DDP"
             )
-            self._units, self._expert_keys = [], {}
+            self._units, self._expert_keys, self._packed_keys = [], {}, {}
             return
         for unit in units:  # before anything collective or any sharding
             for num_experts in unit.kind.num_experts(unit.module):
@@ -333,6 +343,7 @@ class MPipeMoEStrategy(DDPStrategy):
                 raise ValueError(f"MoE unit {unit.name!r} at expert_parallel_size={groups.ep_size}: {exc}") from exc
         self._units = units
         self._expert_keys = {key: count for unit in units for key, count in unit.expert_parameters().items()}
+        self._packed_keys = {key: spec for unit in units for key, spec in unit.packed_expert_parameters().items()}
         ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | set(self._expert_keys)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(ignored))
         self._broadcast_expert_shards(module)
@@ -449,17 +460,54 @@ class MPipeMoEStrategy(DDPStrategy):
         assert self.lightning_module is not None
         return {id(p): name for name, p in self.lightning_module.named_parameters()}
 
+    def _relayout(self, state: dict[str, Any], to_checkpoint: bool) -> dict[str, Any]:
+        """Packed expert tensors (peft's LoRA A `[r*L, in]`, B `[out, r*L]` on fused experts) to
+        the unpacked form checkpoints hold (`[L, r, in]`, `[L, out, r]`: dim 0 the expert, so
+        that the checkpoint code cuts and joins them like any expert shard), or back."""
+        if not self._packed_keys:
+            return state
+        ep = self.moe_groups.ep_size
+        out = dict(state)
+        for key, (num_experts, layout) in self._packed_keys.items():
+            if key in out:
+                value = out[key]
+                out[key] = (
+                    unpack_experts(value, num_experts // ep, layout) if to_checkpoint else pack_experts(value, layout)
+                )
+        return out
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return self._relayout(super().lightning_module_state_dict(), to_checkpoint=True)
+
+    def _relayout_optimizer(self, named: dict[str, Any], to_checkpoint: bool) -> dict[str, Any]:
+        if not self._packed_keys:
+            return named
+        shapes = {name: tuple(p.shape) for name, p in self.lightning_module.named_parameters()}
+        state = dict(named["state"])
+        for key in self._packed_keys.keys() & state.keys():
+            param_state = dict(state[key])
+            for name, value in param_state.items():
+                # Tensors shaped like the parameter (Adam's moments) move with it; scalars stay.
+                if not isinstance(value, Tensor):
+                    continue
+                if (tuple(value.shape) == shapes[key]) if to_checkpoint else value.dim() == 3:
+                    param_state[name] = self._relayout({key: value}, to_checkpoint)[key]
+            state[key] = param_state
+        return {**named, "state": state}
+
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """Name-keyed optimizer state (`checkpointing.optimizer_state_by_name`)."""
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
-        return optimizer_state_by_name(optimizer, self._param_names())
+        return self._relayout_optimizer(optimizer_state_by_name(optimizer, self._param_names()), to_checkpoint=True)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         names = self._param_names()
         for optimizer, named in zip(self.optimizers, checkpoint["optimizer_states"]):
+            named = self._relayout_optimizer(named, to_checkpoint=False)
             optimizer.load_state_dict(optimizer_state_by_index(named, optimizer, names))
             _optimizer_to_device(optimizer, self.root_device)
 
@@ -520,6 +568,8 @@ class MPipeMoEStrategy(DDPStrategy):
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self._packed_keys:
+            checkpoint = {**checkpoint, "state_dict": self._relayout(checkpoint["state_dict"], to_checkpoint=False)}
         super().load_model_state_dict(checkpoint, strict=strict)
         saved = dict(checkpoint.get(SECTION, {}).get("executor_state", {}))
         for name, view in self.moe_executors.items():
@@ -534,7 +584,12 @@ class MPipeMoEStrategy(DDPStrategy):
         back to their original keys (what an unsharded copy of the module loads)."""
         groups = self.moe_groups
         full = gather_full_state_dict(self.lightning_module, self._expert_keys, groups, device=self.root_device)
-        if full is None or not unconverted:
+        if full is None:
+            return full
+        for key, (num_experts, layout) in self._packed_keys.items():  # shards were joined along dim 0: redo
+            pieces = [unpack_experts(p, num_experts // groups.ep_size, layout) for p in full[key].chunk(groups.ep_size)]
+            full[key] = pack_experts(torch.cat(pieces), layout)
+        if not unconverted:
             return full
         for unit in self._units:
             prefix = f"{unit.name}." if unit.name else ""
@@ -569,7 +624,31 @@ class MPipeMoEStrategy(DDPStrategy):
 
 class _MPipeMoESpawnLauncher(_MultiProcessingLauncher):
     """The spawn launcher, handing the main process consolidated weights: its module was never
-    sharded, so rank 0's shards would not load into it."""
+    sharded, so rank 0's shards would not load into it. A module that builds its model in
+    `configure_model` (which only the workers ran) gets it built in the main process too, so
+    that the trained weights have somewhere to go."""
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
+        # A transformers model that ran a forward here carries output-capturing hooks, which
+        # cannot be pickled; transformers installs them again at the next forward.
+        modules = [a for a in (*args, *kwargs.values()) if isinstance(a, nn.Module)]
+        if modules:
+            from lightning_mpipemoe.hf_models.output_capturing import drop_output_capturing_hooks
+
+            for module in modules:
+                drop_output_capturing_hooks(module)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+    @override
+    def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: "pl.Trainer") -> None:
+        if worker_output.weights_path is not None:
+            io = self._strategy.checkpoint_io
+            state_dict = io.load_checkpoint(worker_output.weights_path)
+            io.remove_checkpoint(worker_output.weights_path)
+            _load_trained_weights(trainer.lightning_module, state_dict)
+            worker_output = worker_output._replace(weights_path=None)
+        super()._recover_results_in_main_process(worker_output, trainer)
 
     @override
     def _collect_rank_zero_results(self, trainer: "pl.Trainer", results: Any) -> Optional[_WorkerOutput]:
@@ -589,6 +668,25 @@ class _MPipeMoESpawnLauncher(_MultiProcessingLauncher):
             strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
         extra = self.get_extra_results(trainer)
         return _WorkerOutput(best_model_path, weights_path, trainer.state, results, extra)
+
+
+def _load_trained_weights(module: pl.LightningModule, state_dict: dict[str, Tensor]) -> None:
+    """Load the workers' consolidated weights into the main process's module, building what
+    its `configure_model` builds first when the module lacks those weights."""
+    if set(state_dict) - set(module.state_dict()) and is_overridden("configure_model", module, pl.LightningModule):
+        try:
+            module.configure_model()  # on the CPU, unsharded: the weights arrive consolidated
+        except Exception as exc:  # the run itself succeeded: say what is missing, do not lose the result
+            rank_zero_warn(
+                f"{type(module).__name__}.configure_model() failed in the main process ({type(exc).__name__}: {exc}); "
+                "the trained weights stay in the workers' checkpoints only"
+            )
+    unexpected = module.load_state_dict(state_dict, strict=False).unexpected_keys
+    if unexpected:
+        rank_zero_warn(
+            f"the main process's {type(module).__name__} has no place for {len(unexpected)} trained weights of the "
+            f"workers (e.g. {unexpected[:3]}); they are not loaded"
+        )
 
 
 if "mpipemoe" not in StrategyRegistry:

@@ -112,6 +112,11 @@ def convert_checkpoint(
     state = {k[len(prefix) :]: v for k, v in full["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise ConvertError(f"{checkpoint} holds no weights under the prefix {prefix!r}; pass --prefix")
+    peft_spec = (full.get("hyper_parameters") or {}).get("peft")
+    if peft_spec and peft_spec.get("method", "none") != "none":  # a LoRA run: merge the adapters
+        from lightning_mpipemoe.hf_models.peft_lora import merged_state_dict
+
+        state = merged_state_dict(state, hf_config, peft_spec)
     written = export_from_state_dicts([state], hf_config, out_dir, tokenizer_dir=tokenizer_source, overwrite=overwrite)
     if why_not:
         print(f"{PROG}: warning: {written} has no tokenizer: {why_not}", file=sys.stderr)

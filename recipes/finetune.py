@@ -155,7 +155,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # _convert_="all": plain lists and dicts. The module's hyper-parameters go into checkpoints,
     # which torch.load(weights_only=True) reads without OmegaConf's classes.
-    module = instantiate(cfg.model.module, _convert_="all", model_path=str(model_dir), **cfg.optim)
+    peft_spec = OmegaConf.to_container(cfg.peft) if cfg.get("peft") is not None else None
+    module = instantiate(cfg.model.module, _convert_="all", model_path=str(model_dir), peft=peft_spec, **cfg.optim)
     data = instantiate(cfg.data, tokenizer=str(model_dir), task=module.task)
     data.check()
     top_k = hf_config.get("num_experts_per_tok") or 1
@@ -200,14 +201,20 @@ def _child_command() -> None:
 
 def _export(prepared: Prepared, export_dir: Path) -> Path | None:
     """Collective: a plain Hugging Face directory of the fine-tuned model, each EP rank writing
-    its own experts (no rank gathers the model; `hf_models.export_pretrained`)."""
+    its own experts (no rank gathers the model; `hf_models.export_pretrained`). A LoRA run
+    writes the merged model there and the adapter beside it."""
     from lightning_mpipemoe.hf_models.api import export_pretrained
+    from lightning_mpipemoe.hf_models.peft_lora import check_peft_spec, export_lora_run
 
     strategy = prepared.trainer.strategy
+    groups = getattr(strategy, "moe_groups", None)
+    if check_peft_spec(prepared.module.hparams.get("peft")) is not None:  # LoRA: merged export, adapter beside it
+        written, _ = export_lora_run(prepared.module.model, export_dir, groups, prepared.model_dir)
+        return written
     return export_pretrained(
         prepared.module.model,
         export_dir,
-        getattr(strategy, "moe_groups", None),
+        groups,
         tokenizer_dir=prepared.model_dir,
         barrier_group=getattr(strategy, "checkpoint_group", None),
     )

@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from lightning_mpipemoe.config import ExecutorConfig
 from lightning_mpipemoe.hf_models.api import load_sharded
+from lightning_mpipemoe.hf_models.peft_lora import apply_peft, check_peft_spec
 from lightning_mpipemoe.hf_models.lightning_modules import MoECausalLMModule, MoESeq2SeqModule
 
 __all__ = ["CausalLMFineTune", "Seq2SeqFineTune", "heldout_loss_sums"]
@@ -60,6 +61,7 @@ class _FromCheckpoint:
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 0,
         log_moe_metrics: bool = True,
+        peft: dict | None = None,
     ) -> None:
         """
         Args:
@@ -68,7 +70,9 @@ class _FromCheckpoint:
             gradient_checkpointing: recompute each layer in backward (Hugging Face's own).
             learning_rate, weight_decay, betas, warmup_steps: AdamW and its linear warm-up.
             log_moe_metrics: log routing metrics (dropped tokens, load imbalance) every step.
+            peft: the recipe's `peft` section (`conf/peft/*.yaml`): LoRA adapters, or None / method none.
         """
+        check_peft_spec(peft)  # before any process starts
         super().__init__(
             None,
             learning_rate=learning_rate,
@@ -91,6 +95,7 @@ class _FromCheckpoint:
         path = Path(self.hparams.model_path)
         self._hf_config = json.loads((path / "config.json").read_text())
         self.model = load_sharded(path, groups, ExecutorConfig(), dtype=dtype, device=strategy.root_device)
+        self.model = apply_peft(self.model, self.hparams.get("peft"))
         if self.hparams.gradient_checkpointing:
             # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable.
             enable = getattr(self.model, "activation_checkpointing_enable", None)

@@ -18,6 +18,8 @@ import re
 import lightning_mpipemoe  # noqa: F401  isort: skip
 import torch
 from transformers import (
+    GptOssConfig,
+    GptOssForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -102,6 +104,18 @@ def tiny_config(family: str, **overrides):
     if family == "olmoe":
         kwargs = dict(_DECODER_COMMON, intermediate_size=24, num_experts=NUM_EXPERTS, norm_topk_prob=False)
         return OlmoeConfig(**{**kwargs, **overrides})
+    if family == "gpt_oss":
+        # A small swiglu_limit, so that the clamps of GPT-OSS's activation bind on some rows.
+        kwargs = dict(
+            _DECODER_COMMON,
+            head_dim=8,
+            intermediate_size=24,
+            num_local_experts=NUM_EXPERTS,
+            swiglu_limit=0.5,
+            sliding_window=4,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+        return GptOssConfig(**{**kwargs, **overrides})
     if family == "switch_transformers":
         kwargs = dict(
             vocab_size=VOCAB,
@@ -136,6 +150,7 @@ _MODEL_CLASSES = {
     "qwen2_moe": Qwen2MoeForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
     "olmoe": OlmoeForCausalLM,
+    "gpt_oss": GptOssForCausalLM,
     "switch_transformers": SwitchTransformersForConditionalGeneration,
 }
 
@@ -149,6 +164,11 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> PreTrainedModel:
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
     model = _MODEL_CLASSES[family](config)
+    if family == "gpt_oss":  # its biases start at zero: make them count
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, 0.2)
     return model.float()
 
 

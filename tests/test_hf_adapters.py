@@ -13,7 +13,7 @@ from unittest import mock
 import lightning_mpipemoe  # noqa: F401  isort: skip  (first: registers "mpipemoe"; see tests/hf_tiny.py)
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GptOssConfig, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GptOssConfig, LlamaConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from lightning_mpipemoe import ExecutorConfig
@@ -190,7 +190,8 @@ def test_uncovered_family_lists_covered_ones():
     for model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "switch_transformers"):
         assert model_type in message
     with pytest.raises(UnsupportedModelError, match="transposed"):
-        adapter_for(GptOssConfig())
+        adapter_for(AutoConfig.for_model("aria_text"))
+    assert adapter_for(GptOssConfig()).name == "gpt_oss"
     assert {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "switch_transformers"} <= set(covered_model_types())
 
 
@@ -215,8 +216,8 @@ def test_covered_families_use_the_standard_experts_layout():
 
 def test_unsupported_layout_is_rejected():
     model = tiny_model("mixtral")
-    model.model.layers[0].mlp.experts.is_transposed = True
-    with pytest.raises(UnsupportedExpertsLayout, match="transposed"):
+    model.model.layers[0].mlp.experts.is_concatenated = False  # interleaved rows with the default (chunking) gate
+    with pytest.raises(UnsupportedExpertsLayout, match="interleaves"):
         convert_model(model)
 
 

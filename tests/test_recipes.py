@@ -36,7 +36,7 @@ from lightning_mpipemoe.recipes.module import heldout_loss_sums
 from lightning_mpipemoe.recipes.tiny_checkpoint import SPEC_FILE, TinySpec, ensure_tiny_checkpoint
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
 
-GROUPS = ("model", "data", "trainer", "strategy", "optim", "experiment")
+GROUPS = ("model", "data", "trainer", "strategy", "optim", "peft", "experiment")
 FINETUNE = [sys.executable, "-m", "lightning_mpipemoe.recipes.finetune"]
 #: The installed console script (what the README tells users to type).
 SCRIPT = [str(Path(sys.executable).parent / "mpipemoe-finetune")]

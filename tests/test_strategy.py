@@ -161,7 +161,14 @@ def test_clear_errors_before_any_process_starts():
 def test_discovery_finds_moe_layers_and_hf_models():
     """One interface for both kinds: this project's MoELayer and a covered Hugging Face model
     (found as one unit); a dense HF model is left alone; an uncovered HF MoE family is an error."""
-    from transformers import GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AriaTextConfig,
+        AriaTextForCausalLM,
+        GptOssConfig,
+        GptOssForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     from lightning_mpipemoe.discovery import find_moe_units
     from lightning_mpipemoe.groups import MoEProcessGroups
@@ -189,8 +196,10 @@ def test_discovery_finds_moe_layers_and_hf_models():
         f"hf.model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in ("down_proj", "gate_up_proj")
     ]
     gpt_oss = GptOssForCausalLM(GptOssConfig(**tiny, **heads, head_dim=8, num_local_experts=4, num_experts_per_tok=2))
-    with pytest.raises(UnsupportedModelError, match="gpt_oss"):
-        find_moe_units(torch.nn.ModuleDict({"hf": gpt_oss}))
+    assert [u.kind.name for u in find_moe_units(torch.nn.ModuleDict({"hf": gpt_oss}))] == ["hf_model"]
+    aria = AriaTextForCausalLM(AriaTextConfig(**tiny, **heads, moe_num_experts=4, moe_topk=2))
+    with pytest.raises(UnsupportedModelError, match="aria_text"):
+        find_moe_units(torch.nn.ModuleDict({"hf": aria}))
 
 
 # ------------------------------------------------------------------------- checkpoint pieces
