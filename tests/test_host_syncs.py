@@ -30,6 +30,7 @@ from collections import Counter
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from lightning_mpipemoe import ExecutorConfig, ExpertWeights
 from lightning_mpipemoe.kernels import api as kernels
@@ -78,7 +79,7 @@ class HostSyncCounter(TorchFunctionMode):
         if self.paused:
             return func(*args, **kwargs)
         first = args[0] if args else None
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         if name in _CONVERSIONS and isinstance(first, torch.Tensor):
             if not self._is_host(first):
                 self.syncs[(name, _caller())] += 1
@@ -220,5 +221,6 @@ def test_the_counter_sees_every_kind_of_sync():
         host.to(torch.device("cpu")).tolist()  # moved back to the device: counts
         torch.arange(3).tolist()  # made on the host: free
         torch.arange(3, device=x.device).tolist()  # made on the device: counts
+        torch.stack([x[0], x[1]]).tolist()  # computed from device tensors: counts
     kinds = Counter(kind for kind, _ in counter.syncs.elements())
-    assert kinds == Counter(item=1, tolist=3, __int__=1, __float__=1, __bool__=1, __index__=1, to=1, cpu=1), kinds
+    assert kinds == Counter(item=1, tolist=4, __int__=1, __float__=1, __bool__=1, __index__=1, to=1, cpu=1), kinds
