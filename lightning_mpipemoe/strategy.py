@@ -54,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_mpipemoe import collectives
 from lightning_mpipemoe.atomic_dir import commit_directory, fsync_files, new_token, remove_stale, temporary_directory
 from lightning_mpipemoe.checkpointing import (
     META_FILE,
@@ -175,6 +176,7 @@ class MPipeMoEStrategy(DDPStrategy):
         self._units: list[MoEUnit] = []
         self._expert_keys: dict[str, int] = {}
         self._expert_params: list[nn.Parameter] = []
+        self._last_aux_loss: Any = None
 
     # ------------------------------------------------------------------------------ properties
 
@@ -239,6 +241,7 @@ class MPipeMoEStrategy(DDPStrategy):
         super().setup_environment()
         self._groups = build_process_groups(self.expert_parallel_size, timeout=self._timeout)
         groups = self._groups
+        warm_up_groups(groups, self.root_device)
         rank_zero_info(
             f"MPipeMoEStrategy: {groups.world_size} ranks = expert_parallel_size {groups.ep_size} x "
             f"data_parallel {groups.expert_dp_size}"
@@ -299,7 +302,7 @@ class MPipeMoEStrategy(DDPStrategy):
         named = dict(module.named_parameters())
         with torch.no_grad():
             for key in sorted(self._expert_keys):
-                dist.broadcast(named[key].data, src=src, group=groups.expert_dp)
+                collectives.broadcast(named[key].data, src, group=groups.expert_dp, site="strategy.expert_shards")
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -348,20 +351,40 @@ class MPipeMoEStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------------------- logging
 
+    # The routing counts of the steps between two logged ones accumulate on the device (the
+    # executor adds each call's counts there); they are reduced over the world in one all-reduce
+    # after the optimizer step of a step the trainer logs (`log_every_n_steps`), then reset:
+    # nothing runs between a step's forward and its backward, and nothing on the other steps.
+
+    def _logs_moe_metrics(self) -> bool:
+        return self._log_moe_metrics != "off" and bool(self._units)
+
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        log = self._log_moe_metrics != "off" and bool(self._units)
-        if log:
+        output = super().training_step(*args, **kwargs)
+        if self._logs_moe_metrics():
+            aux = output.get("aux_loss") if isinstance(output, Mapping) else None
+            self._last_aux_loss = aux.detach() if isinstance(aux, Tensor) else aux
+        return output
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._logs_moe_metrics() and self._logs_this_step():
+            self._log_step(self._last_aux_loss)
             for view in self.moe_executors.values():
                 if view.stats is not None:
                     view.stats.reset()
-        output = super().training_step(*args, **kwargs)
-        if log:
-            self._log_step(output)
         return output
 
-    def _log_step(self, output: Any) -> None:
-        aux = output.get("aux_loss") if isinstance(output, Mapping) else None
+    def _logs_this_step(self) -> bool:
+        """Whether the trainer logs the metrics of the step that just stepped (its own rule)."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None:
+            return True
+        return trainer._logger_connector.should_update_logs
+
+    def _log_step(self, aux: Any) -> None:
         if aux is not None and not isinstance(aux, Tensor):
             aux = torch.tensor(float(aux))
         metrics = moe_step_metrics(
@@ -370,6 +393,7 @@ class MPipeMoEStrategy(DDPStrategy):
             group=self.moe_groups.dp,
             world_size=self.world_size,
             per_expert=self._log_moe_metrics == "expert",
+            device=self.root_device,
         )
         metrics["moe/expert_state_bytes"] = float(self._expert_state_bytes())
         assert self.lightning_module is not None
@@ -535,3 +559,13 @@ class _MPipeMoESpawnLauncher(_MultiProcessingLauncher):
 
 if "mpipemoe" not in StrategyRegistry:
     MPipeMoEStrategy.register_strategies(StrategyRegistry)
+
+
+def warm_up_groups(groups: MoEProcessGroups, device: torch.device) -> None:
+    """One tiny all-reduce on each MoE group at set-up, on `device` (the device the groups
+    serve): NCCL creates a communicator lazily at a group's first collective, which would
+    otherwise land inside the first pipelined forward (seconds, and a skew between ranks)."""
+    for name in ("ep", "ep_combine", "expert_dp", "dp"):
+        group = getattr(groups, name)
+        if group is not None and dist.get_world_size(group) > 1:
+            collectives.all_reduce(torch.zeros(1, device=device), group=group, site=f"strategy.warm_up.{name}")
