@@ -32,10 +32,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from lightning_mpipemoe import ExecutorConfig, ExpertWeights
+from lightning_mpipemoe import ExecutorConfig, ExpertWeights, build_process_groups
 from lightning_mpipemoe.kernels import api as kernels
 from lightning_mpipemoe.moe.executor import expert_parallel_forward
 from lightning_mpipemoe.moe.tuner import LayerTuner
+from tests.dist_utils import run_distributed
 
 E, K, H, I, T = 64, 8, 16, 8, 96
 #: The target: one copy of the exchanged counts per forward, nothing in backward.
@@ -150,13 +151,22 @@ def _layer_inputs(seed: int):
     return hidden_TH, index_TK, weights_TK, ExpertWeights(**params)
 
 
-def count_call(config: ExecutorConfig, tuner: LayerTuner | None, seed: int = 0) -> tuple[HostSyncCounter, HostSyncCounter]:
-    """(forward, backward) counters of one forward + backward of the layer's executor."""
+def count_call(config: ExecutorConfig, tuner: LayerTuner | None, seed: int = 0, groups=None,
+               ) -> tuple[HostSyncCounter, HostSyncCounter]:
+    """(forward, backward) counters of one forward + backward of the layer's executor (this
+    rank's share of the experts on an EP group)."""
     hidden_TH, index_TK, weights_TK, experts = _layer_inputs(seed)
+    kw = {}
+    if groups is not None:
+        local = E // groups.ep_size
+        mine = slice(groups.ep_rank * local, (groups.ep_rank + 1) * local)
+        experts = ExpertWeights(experts.w_in_EOH.detach()[mine].clone().requires_grad_(),
+                                experts.w_out_EHI.detach()[mine].clone().requires_grad_())
+        kw = dict(ep_group=groups.ep, combine_group=groups.ep_combine)
     forward, backward = HostSyncCounter(), HostSyncCounter()
     backend = kernels.backend_for(torch.device("cpu"))
     with kernels.use_backend("cpu", _Uncounted(backend, forward)), forward:
-        out_TH = expert_parallel_forward(hidden_TH, index_TK, weights_TK, experts, config=config, tuner=tuner)
+        out_TH = expert_parallel_forward(hidden_TH, index_TK, weights_TK, experts, config=config, tuner=tuner, **kw)
     loss = (out_TH * torch.cos(torch.arange(out_TH.numel(), dtype=out_TH.dtype)).view_as(out_TH)).sum()
     with kernels.use_backend("cpu", _Uncounted(backend, backward)), backward:
         loss.backward()
@@ -182,7 +192,7 @@ def test_fixed_config_syncs_at_most_once_in_forward(n, restore):
     assert forward.total <= MAX_FORWARD and backward.total <= MAX_BACKWARD, report
 
 
-def _steady_tuner(n: int) -> LayerTuner:
+def _steady_tuner() -> LayerTuner:
     """A tuner whose range table answers every key with n, exchanging the load on every call
     (the worst case of its hot path)."""
     tuner = LayerTuner()
@@ -193,7 +203,7 @@ def _steady_tuner(n: int) -> LayerTuner:
 @pytest.mark.parametrize("n", [1, 4])
 def test_tuned_call_syncs_at_most_once_in_forward(n):
     config = ExecutorConfig(num_partitions="auto", restore="auto", candidates=(1, 4), memory_budget=2**40)
-    tuner = _steady_tuner(n)
+    tuner = _steady_tuner()
     count_call(config, tuner, seed=1)  # first call: agrees the set-up and waits for its own load
     tuner._session = None  # the table decides below; profiling sessions time with syncs on purpose
     key = tuner._lag_key
@@ -207,6 +217,29 @@ def test_tuned_call_syncs_at_most_once_in_forward(n):
         assert not tuner.tuning, "the table answers every key: no profiling session"
         assert tuner._last[0] == n, tuner._last
         assert forward.total <= MAX_FORWARD and backward.total <= MAX_BACKWARD, report
+
+
+def _two_rank_worker(rank: int, world: int) -> None:
+    groups = build_process_groups(world)
+    for config in (ExecutorConfig(1, "none"), ExecutorConfig(4, "s2"), ExecutorConfig(4, "s3")):
+        forward, backward = count_call(config, None, seed=rank, groups=groups)
+        report = _report(f"rank {rank} EP=2 {config.num_partitions}/{config.restore}", forward, backward)
+        assert forward.total <= MAX_FORWARD and backward.total <= MAX_BACKWARD, report
+    config = ExecutorConfig(num_partitions="auto", restore="none", candidates=(1, 4))
+    tuner = _steady_tuner()
+    count_call(config, tuner, seed=10 + rank, groups=groups)  # first call: set-up and its own load, agreed now
+    tuner._session = None
+    tuner.table.insert(max(tuner._lag_key, 1), 4)
+    for call in range(2):  # each call's load is exchanged in the background and rides the count copy
+        forward, backward = count_call(config, tuner, seed=20 + call, groups=groups)
+        report = _report(f"rank {rank} EP=2 tuned call {call}", forward, backward)
+        assert tuner._last[0] == 4 and not tuner.tuning
+        assert forward.total <= MAX_FORWARD and backward.total <= MAX_BACKWARD, report
+
+
+def test_two_ranks_sync_at_most_once_in_forward():
+    """On an EP group: the count exchange, the all-to-alls and the tuner's load exchange add none."""
+    run_distributed(_two_rank_worker, 2, timeout_s=120)
 
 
 def test_the_counter_sees_every_kind_of_sync():
@@ -224,3 +257,60 @@ def test_the_counter_sees_every_kind_of_sync():
         torch.stack([x[0], x[1]]).tolist()  # computed from device tensors: counts
     kinds = Counter(kind for kind, _ in counter.syncs.elements())
     assert kinds == Counter(item=1, tolist=4, __int__=1, __float__=1, __bool__=1, __index__=1, to=1, cpu=1), kinds
+
+
+# --- CUDA: the same calls under torch's sync debug mode (pytest --gpu; run by gpu_check.sh) ---
+
+
+def _cuda_layer_inputs(seed: int, device: torch.device):
+    hidden_TH, index_TK, weights_TK, experts = _layer_inputs(seed)
+    moved = {k: v.detach().to(device).requires_grad_() for k, v in
+             (("w_in_EOH", experts.w_in_EOH), ("w_out_EHI", experts.w_out_EHI))}
+    return (hidden_TH.detach().to(device).requires_grad_(), index_TK.to(device),
+            weights_TK.detach().to(device).requires_grad_(), ExpertWeights(**moved))
+
+
+@pytest.mark.gpu
+def test_one_sync_per_forward_under_cuda_sync_debug_mode(monkeypatch):
+    """Every synchronising CUDA call raises (`set_sync_debug_mode("error")`) except the one
+    documented copy of the exchanged counts (`dispatch._to_host`), allowed and counted here:
+    exactly one per forward, none in backward, at n = 1 and 4, with and without reuse, tuned."""
+    from lightning_mpipemoe.moe import dispatch
+
+    device = torch.device("cuda")
+    copies: list[int] = []
+    real_to_host = dispatch._to_host
+
+    def allowed_copy(values_X):
+        copies.append(values_X.numel())
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return real_to_host(values_X)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(dispatch, "_to_host", allowed_copy)
+
+    def step(config, tuner, seed):
+        hidden_TH, index_TK, weights_TK, experts = _cuda_layer_inputs(seed, device)
+        out_TH = expert_parallel_forward(hidden_TH, index_TK, weights_TK, experts, config=config, tuner=tuner)
+        forward = len(copies)
+        out_TH.square().sum().backward()
+        return forward, len(copies) - forward
+
+    auto = ExecutorConfig(num_partitions="auto", restore="auto", candidates=(1, 4), memory_budget=2**40)
+    cases = [(ExecutorConfig(1, "none"), None), (ExecutorConfig(4, "none"), None), (ExecutorConfig(4, "s1"), None),
+             (ExecutorConfig(4, "s4"), None), (auto, _steady_tuner())]
+    for config, tuner in cases:
+        step(config, tuner, seed=0)  # warm-up: Triton compiles, grouped-GEMM choice (timed), first tuner call
+        if tuner is not None:
+            tuner._session = None
+            tuner.table.insert(max(tuner._lag_key, 1), 4)
+        torch.cuda.synchronize()
+        copies.clear()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            forward, backward = step(config, tuner, seed=1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert (forward, backward) == (1, 0), f"{config}: {forward} copies in forward, {backward} in backward"
