@@ -78,6 +78,10 @@ class ExpertWeights:
             raise ValueError(f"b_in must be [E, {o}] = [{e}, {o}], got {tuple(self.b_in_EO.shape)}")
         if self.b_out_EH is not None and self.b_out_EH.shape != (e, h):
             raise ValueError(f"b_out must be [E, H] = [{e}, {h}], got {tuple(self.b_out_EH.shape)}")
+        for name, t in (("w_in", self.w_in_EOH), ("w_out", self.w_out_EHI), ("b_in", self.b_in_EO),
+                        ("b_out", self.b_out_EH)):
+            if t is not None and not t.is_floating_point():
+                raise TypeError(f"expert weight {name} must be a floating-point tensor, got {t.dtype}")
 
 
 def _rows_expert_bias(bias_EX: torch.Tensor, offsets_E: torch.Tensor, num_rows: int) -> torch.Tensor:
