@@ -150,3 +150,13 @@ class CpuBackend:
                 grad_w_EOD[expert].zero_()
             start = end
         return grad_w_EOD
+
+    def grouped_mm_weight_grad_add_(self, grad_w_EOD, grad_y_SO, x_SD, offsets_E):
+        """Accumulated inside each expert's GEMM (`addmm_`), no temporary."""
+        dtype = grad_w_EOD.dtype
+        start = 0
+        for expert, end in enumerate(offsets_E.tolist()):
+            if end > start:
+                grad_y, x = grad_y_SO[start:end].to(dtype), x_SD[start:end].to(dtype)
+                grad_w_EOD[expert].addmm_(grad_y.transpose(0, 1), x)
+            start = end

@@ -147,6 +147,11 @@ class TritonBackend:
             return self._torch_weight_grad(grad_y_SO, x_SD, offsets_E, out_dtype)
         return self.gemm_kernels.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets_E, out_dtype)
 
+    def grouped_mm_weight_grad_add_(self, grad_w_EOD, grad_y_SO, x_SD, offsets_E):
+        # The grouped GEMM's accumulator in the target's dtype, then one add (an in-kernel
+        # accumulate would save that pass over the weights).
+        grad_w_EOD.add_(self.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets_E, grad_w_EOD.dtype))
+
     def _pick(self, key: tuple, run_torch: Callable, run_triton: Callable, torch_applies: bool) -> str:
         if self.grouped_mm_impl != "auto":
             return self.grouped_mm_impl

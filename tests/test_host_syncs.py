@@ -193,8 +193,8 @@ def test_fixed_config_syncs_at_most_once_in_forward(n, restore):
 
 
 def _steady_tuner() -> LayerTuner:
-    """A tuner whose range table answers every key with n, exchanging the load on every call
-    (the worst case of its hot path)."""
+    """A tuner that exchanges the load on every call (the worst case of its hot path); the
+    tests give its range table the n to answer after the first call."""
     tuner = LayerTuner()
     tuner.EXCHANGE_EVERY = 1
     return tuner

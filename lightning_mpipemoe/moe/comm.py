@@ -96,8 +96,11 @@ class Lanes:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.compute = torch.cuda.current_stream(device)
-            self.dispatch = torch.cuda.Stream(device)
-            self.combine = torch.cuda.Stream(device)
+            # Collectives' lanes at high priority: their kernels start as soon as they may,
+            # ahead of queued GEMMs, as Megatron-Core's and DeepEP's communication streams do.
+            # (A lower number is a higher priority; torch clamps -1 to the device's highest.)
+            self.dispatch = torch.cuda.Stream(device, priority=-1)
+            self.combine = torch.cuda.Stream(device, priority=-1)
             self.copy = torch.cuda.Stream(device)
 
     def stream(self, lane: str):

@@ -14,7 +14,12 @@ already agreed, while its own load travels in the background (async all-reduce, 
 a later call), on every call while a profiling session runs and on every
 `LayerTuner.EXCHANGE_EVERY`-th call otherwise (a steady run's load moves slowly, and on a loaded
 2-core gloo machine even a background collective costs ~1% of a step). Only the first call
-waits for its own, and a group of one exchanges nothing.
+waits for its own, and a group of one exchanges nothing (without capacity its key is its
+slot count, known on the host).
+
+Nothing here synchronises the host in a steady call: the packet is built and all-reduced on
+the tokens' device (the device the EP group serves), and its sum reaches the host in the
+call's one copy of counts (`dispatch.HostRider`), not in a copy of its own.
 """
 
 from __future__ import annotations

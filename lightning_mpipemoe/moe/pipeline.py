@@ -105,21 +105,20 @@ def _trace(call: PipelineCall, what: str, partition: int) -> None:
         call.record.event(what, partition)
 
 
-def _accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
-    return part if total is None else total.add_(part)
+def _weight_grad(total: torch.Tensor | None, grad_SO: torch.Tensor, x_SD: torch.Tensor, offsets_L: torch.Tensor,
+                 acc_dtype: torch.dtype) -> torch.Tensor:
+    """`total[e] += grad[rows of e].T @ x[rows of e]` for all experts: one grouped GEMM per
+    partition, summed in `acc_dtype` (fp32 for bf16 rows) without rounding in between."""
+    if total is None:
+        return kernels.grouped_mm_weight_grad(grad_SO, x_SD, offsets_L, out_dtype=acc_dtype)
+    return kernels.grouped_mm_weight_grad(grad_SO, x_SD, offsets_L, accumulate=total)
 
 
-def _weight_grad(grad_SO: torch.Tensor, x_SD: torch.Tensor, offsets_L: torch.Tensor, acc_dtype: torch.dtype):
-    """`grad_w[e] = grad[rows of e].T @ x[rows of e]` for all experts: one grouped GEMM, its
-    accumulator returned unrounded in `acc_dtype` (fp32 for bf16 rows)."""
-    return kernels.grouped_mm_weight_grad(grad_SO, x_SD, offsets_L, out_dtype=acc_dtype)
-
-
-def _bias_grad(grad_SO: torch.Tensor, offsets_L: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-    """Per-expert row sums of `grad_SO` `[L, O]`: the same grouped GEMM against a column of ones
-    (deterministic, accumulated in `acc_dtype`; no atomics, no loop over experts)."""
-    ones_S1 = grad_SO.new_ones(grad_SO.shape[0], 1)
-    return kernels.grouped_mm_weight_grad(grad_SO, ones_S1, offsets_L, out_dtype=acc_dtype).squeeze(-1)
+def _bias_grad(total: torch.Tensor | None, grad_SO: torch.Tensor, offsets_L: torch.Tensor,
+               acc_dtype: torch.dtype) -> torch.Tensor:
+    """Per-expert row sums of `grad_SO`, `[L, O, 1]`: the same grouped GEMM against a column of
+    ones (deterministic, summed in `acc_dtype`; no atomics, no loop over experts)."""
+    return _weight_grad(total, grad_SO, grad_SO.new_ones(grad_SO.shape[0], 1), offsets_L, acc_dtype)
 
 
 class _PipelinedExperts(torch.autograd.Function):
@@ -354,9 +353,9 @@ def _backward(call, stash, plans, grad_out_NH, hidden_TH, w_in_EOH, w_out_EHI, b
         pool.put("act", act_SI)
         grad_act_SI = pool.put("dAct", kernels.grouped_mm(grad_y_SH, w_out_EIH, offsets_L))
         if needs[3]:
-            grad_w_out = _accumulate(grad_w_out, _weight_grad(grad_y_SH, act_SI.detach(), offsets_L, acc_dtype))
+            grad_w_out = _weight_grad(grad_w_out, grad_y_SH, act_SI.detach(), offsets_L, acc_dtype)
         if b_out_EH is not None and needs[5]:
-            grad_b_out = _accumulate(grad_b_out, _bias_grad(grad_y_SH, offsets_L, acc_dtype))
+            grad_b_out = _bias_grad(grad_b_out, grad_y_SH, offsets_L, acc_dtype)
         pool.drop("dY")
         del grad_y_SH
         (grad_pre_SO,) = torch.autograd.grad(act_SI, pre_leaf, grad_act_SI)
@@ -364,9 +363,9 @@ def _backward(call, stash, plans, grad_out_NH, hidden_TH, w_in_EOH, w_out_EHI, b
         pool.drop("act", "dAct", "T_M")
         del act_SI, grad_act_SI, pre_leaf, pre_SO
         if needs[2]:
-            grad_w_in = _accumulate(grad_w_in, _weight_grad(grad_pre_SO, x_SH, offsets_L, acc_dtype))
+            grad_w_in = _weight_grad(grad_w_in, grad_pre_SO, x_SH, offsets_L, acc_dtype)
         if b_in_EO is not None and needs[4]:
-            grad_b_in = _accumulate(grad_b_in, _bias_grad(grad_pre_SO, offsets_L, acc_dtype))
+            grad_b_in = _bias_grad(grad_b_in, grad_pre_SO, offsets_L, acc_dtype)
         pool.drop("T_DI")
         del x_SH
         grad_x_SH = pool.put("dX", kernels.grouped_mm(grad_pre_SO, w_in_EHO, offsets_L))
@@ -394,7 +393,7 @@ def _backward(call, stash, plans, grad_out_NH, hidden_TH, w_in_EOH, w_out_EHI, b
         call.record.backward_peak_slots = dict(pool.peak_slots)
         call.record.backward_wire_s = clock.busy_s if clock is not None else 0.0
     def final(total: torch.Tensor | None, param: torch.Tensor | None) -> torch.Tensor | None:
-        return None if total is None else total.to(param.dtype)
+        return None if total is None else total.view(param.shape).to(param.dtype)
 
     return (
         grad_hidden_TH if needs[1] else None,

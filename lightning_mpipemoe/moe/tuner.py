@@ -51,7 +51,9 @@ inside backward (gradient checkpointing's recomputation; the autograd engine is 
 graph task then) repeats the decision of the forward it re-runs, recognised on each rank by
 a digest of its routing (identical in the recomputation), so recomputed tensors have the
 same shapes; whether every rank found it rides along with the recomputation's own load
-(then agreed synchronously), and if any did not, all fall back to a lookup.
+(then agreed synchronously), and if any did not, all fall back to a lookup. (That agreement
+and the digest cost a recomputation two host syncs beyond its count copy; a steady forward
+has none beyond that copy: its digest and load ride in it, see `load_key`.)
 
 Persistence: `state_dict()` / `load_state_dict()` (JSON-ready, see `tuning_store`) carry the
 range table and the calibration with a fingerprint of shapes, sizes and hardware; at its
