@@ -16,7 +16,8 @@ Order of events in a run (Lightning's `Trainer._run`):
 1. `Trainer(...)`: `_configure_launcher` checks the EP size against devices x nodes and the
    precision, before any process is launched.
 2. `setup_environment`: the default process group, then the ep / ep-combine / expert-dp / dp
-   groups (`groups.build_process_groups`, each with `timeout`).
+   groups (`groups.build_process_groups`, each with `timeout`), each warmed by one tiny
+   all-reduce on the root device (NCCL creates communicators lazily).
 3. `configure_model` (the user's), then `setup`: MoE layers are found (`discovery.py`),
    checked against the EP size, sharded (each rank keeps E/ep experts) and bound to the
    executor with the strategy's config; expert shards are made identical across expert-dp
@@ -112,7 +113,9 @@ class MPipeMoEStrategy(DDPStrategy):
         timeout: timeout of the default process group and of every MoE process group
             (default 5 minutes, not torch's 30: a dead peer ends the run with an error soon).
         log_moe_metrics: "layer" (per-layer routing and executor metrics), "expert" (also the
-            tokens of every expert) or "off".
+            tokens of every expert) or "off". Counts accumulate on the device over the steps
+            between two logged ones and are reduced (one all-reduce) after the optimizer step of
+            each step the trainer logs (`log_every_n_steps`).
         start_method: "popen" (scripts, torchrun, SLURM; registered as "mpipemoe") or "spawn"
             (registered as "mpipemoe_spawn").
         **kwargs: DDPStrategy's arguments (`find_unused_parameters`, `static_graph`, comm

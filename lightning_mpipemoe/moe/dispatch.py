@@ -59,7 +59,7 @@ class DispatchPlan:
     expert_offsets_L: torch.Tensor
     sent_per_expert_E: torch.Tensor
     num_dropped: int
-    expert_ends: tuple[int, ...] = ()
+    expert_ends: tuple[int, ...]
 
     @property
     def num_sent(self) -> int:
@@ -258,7 +258,7 @@ def plan_dispatch(
     dropped_P = torch.zeros(num_partitions, dtype=torch.int64, device=device)
     dropped_P.scatter_add_(0, partition_S, (valid_S & ~keep_S).to(torch.int64))
     if num_slots:
-        range_2 = torch.stack([expert_S.min(), expert_S.max()])
+        range_2 = torch.stack(torch.aminmax(expert_S))
     else:
         range_2 = torch.zeros(2, dtype=torch.int64, device=device)
     recv_PRL, ranges_R2 = _exchange_counts(counts_PE, range_2, ep_group, ep_size)
