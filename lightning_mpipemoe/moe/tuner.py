@@ -229,7 +229,8 @@ class LayerTuner:
         # call's one copy of counts) on every call while a session runs, else on every
         # EXCHANGE_EVERY-th: the exchange costs a collective's latency, and a steady run's load
         # changes slowly. It is agreed now (wait, a sync) at the first call. On one rank without
-        # capacity the key is the call's own slot count, host metadata: nothing to exchange.
+        # capacity the key is the call's own slot count, host metadata: nothing to exchange; on
+        # one rank with capacity the kept count is read now (a sync per call, not yet removed).
         riders: list[HostRider] = []
         if ep_size == 1 and capacity is None:
             self._lag_key = top_k_index_TK.numel()
