@@ -92,8 +92,12 @@ save benchmarks/results/kernels_gpu.json
 # on one rank and on two ranks sharing the GPU over gloo; then the memory table (n x restore)
 # with the allocator's peaks beside the buffer pool's records and the analytic model.
 # Writes benchmarks/results/pipeline_memory.json (the CPU run's file is overwritten there only).
+# The GPU tests include the host-sync check (issue 15, tests/test_host_syncs.py): one forward +
+# backward of a layer (E = 64, top-8, n = 1 and 4, restore none / s1 / s4, and a tuned call)
+# under `torch.cuda.set_sync_debug_mode("error")`, where any synchronising call raises except
+# the one documented copy of the exchanged counts per forward (`dispatch._to_host`).
 section "pipeline: GPU tests"
-step "pipeline GPU tests" 100 env OMP_NUM_THREADS=1 "$PY" -m pytest -m gpu --gpu tests/test_pipeline.py -q -p no:cacheprovider
+step "pipeline GPU tests" 100 env OMP_NUM_THREADS=1 "$PY" -m pytest -m gpu --gpu tests/test_pipeline.py tests/test_host_syncs.py -q -p no:cacheprovider
 section "pipeline: memory table"
 step "pipeline memory table" 90 env OMP_NUM_THREADS=1 "$PY" benchmarks/bench_pipeline_memory.py --device cuda --partitions 1 4
 save benchmarks/results/pipeline_memory.json

@@ -1,6 +1,6 @@
 """The public face of `lightning_mpipemoe.kernels`: token permutation and grouped expert GEMM ops.
 
-`permute`, `unpermute` and `grouped_mm` are what the executor calls. They are
+`permute`, `unpermute`, `grouped_mm` and `grouped_mm_weight_grad` are what the executor calls. They are
 `torch.library` custom ops (namespace `mpipemoe`) with fake kernels and autograd, dispatched
 by device: CPU tensors take `CpuBackend` (the pure-PyTorch reference's formulas without its
 extra copies, bit-identical to it up to the sign of zeros), CUDA tensors the Triton kernels
@@ -16,7 +16,7 @@ would export lives here instead: `from lightning_mpipemoe.kernels import api as 
 
 from .backends import CpuBackend, KernelBackend, ReferenceBackend, backend_for, set_backend, use_backend
 from .index import PaddedSegments, invert_src_rows, pad_segments, segment_counts
-from .ops import grouped_mm, permute, unpermute
+from .ops import grouped_mm, grouped_mm_weight_grad, permute, unpermute
 from .reference import (
     grouped_mm_reference,
     grouped_mm_weight_grad_reference,
@@ -34,6 +34,7 @@ __all__ = [
     "backend_for",
     "grouped_mm",
     "grouped_mm_reference",
+    "grouped_mm_weight_grad",
     "grouped_mm_weight_grad_reference",
     "invert_src_rows",
     "pad_segments",

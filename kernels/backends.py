@@ -51,8 +51,13 @@ class KernelBackend(Protocol):
     def grouped_mm(self, x_SD: torch.Tensor, w_EOD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor: ...
 
     def grouped_mm_weight_grad(
-        self, grad_y_SO: torch.Tensor, x_SD: torch.Tensor, offsets_E: torch.Tensor
+        self, grad_y_SO: torch.Tensor, x_SD: torch.Tensor, offsets_E: torch.Tensor, out_dtype: torch.dtype | None = None
     ) -> torch.Tensor: ...
+
+    def grouped_mm_weight_grad_add_(
+        self, grad_w_EOD: torch.Tensor, grad_y_SO: torch.Tensor, x_SD: torch.Tensor, offsets_E: torch.Tensor
+    ) -> None:
+        """`grad_w_EOD += grouped_mm_weight_grad(...)`, products in `grad_w_EOD`'s dtype or wider."""
 
 
 class ReferenceBackend:
@@ -73,8 +78,11 @@ class ReferenceBackend:
     def grouped_mm(self, x_SD, w_EOD, offsets_E):
         return reference.grouped_mm_reference(x_SD, w_EOD, offsets_E)
 
-    def grouped_mm_weight_grad(self, grad_y_SO, x_SD, offsets_E):
-        return reference.grouped_mm_weight_grad_reference(grad_y_SO, x_SD, offsets_E)
+    def grouped_mm_weight_grad(self, grad_y_SO, x_SD, offsets_E, out_dtype=None):
+        return reference.grouped_mm_weight_grad_reference(grad_y_SO, x_SD, offsets_E, out_dtype)
+
+    def grouped_mm_weight_grad_add_(self, grad_w_EOD, grad_y_SO, x_SD, offsets_E):
+        grad_w_EOD.add_(reference.grouped_mm_weight_grad_reference(grad_y_SO, x_SD, offsets_E, grad_w_EOD.dtype))
 
 
 def _make_triton_backend() -> KernelBackend:

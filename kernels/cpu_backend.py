@@ -136,14 +136,27 @@ class CpuBackend:
             out_SO[start:].zero_()
         return out_SO
 
-    def grouped_mm_weight_grad(self, grad_y_SO, x_SD, offsets_E):
+    def grouped_mm_weight_grad(self, grad_y_SO, x_SD, offsets_E, out_dtype=None):
         ends = offsets_E.tolist()
-        grad_w_EOD = x_SD.new_empty(len(ends), grad_y_SO.shape[1], x_SD.shape[1])
+        out_dtype = out_dtype or x_SD.dtype
+        grad_w_EOD = x_SD.new_empty(len(ends), grad_y_SO.shape[1], x_SD.shape[1], dtype=out_dtype)
         start = 0
         for expert, end in enumerate(ends):
             if end > start:
-                torch.mm(grad_y_SO[start:end].transpose(0, 1), x_SD[start:end], out=grad_w_EOD[expert])
+                # torch.mm has no output dtype: a wider result takes operands upcast (exactly).
+                grad_y, x = grad_y_SO[start:end].to(out_dtype), x_SD[start:end].to(out_dtype)
+                torch.mm(grad_y.transpose(0, 1), x, out=grad_w_EOD[expert])
             else:
                 grad_w_EOD[expert].zero_()
             start = end
         return grad_w_EOD
+
+    def grouped_mm_weight_grad_add_(self, grad_w_EOD, grad_y_SO, x_SD, offsets_E):
+        """Accumulated inside each expert's GEMM (`addmm_`), no temporary."""
+        dtype = grad_w_EOD.dtype
+        start = 0
+        for expert, end in enumerate(offsets_E.tolist()):
+            if end > start:
+                grad_y, x = grad_y_SO[start:end].to(dtype), x_SD[start:end].to(dtype)
+                grad_w_EOD[expert].addmm_(grad_y.transpose(0, 1), x)
+            start = end

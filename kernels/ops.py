@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .backends import backend_for
 
-__all__ = ["grouped_mm", "permute", "unpermute"]
+__all__ = ["grouped_mm", "grouped_mm_weight_grad", "permute", "unpermute"]
 
 
 # --- permute -------------------------------------------------------------------------------
@@ -118,13 +118,25 @@ def _(x_SD, w_EOD, offsets_E):
 
 
 @torch.library.custom_op("mpipemoe::grouped_mm_weight_grad", mutates_args=())
-def grouped_mm_weight_grad_op(grad_y_SO: Tensor, x_SD: Tensor, offsets_E: Tensor) -> Tensor:
-    return backend_for(x_SD.device).grouped_mm_weight_grad(grad_y_SO, x_SD, offsets_E)
+def grouped_mm_weight_grad_op(
+    grad_y_SO: Tensor, x_SD: Tensor, offsets_E: Tensor, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    return backend_for(x_SD.device).grouped_mm_weight_grad(grad_y_SO, x_SD, offsets_E, out_dtype)
 
 
 @grouped_mm_weight_grad_op.register_fake
-def _(grad_y_SO, x_SD, offsets_E):
-    return x_SD.new_empty(offsets_E.shape[0], grad_y_SO.shape[1], x_SD.shape[1])
+def _(grad_y_SO, x_SD, offsets_E, out_dtype=None):
+    return x_SD.new_empty(offsets_E.shape[0], grad_y_SO.shape[1], x_SD.shape[1], dtype=out_dtype or x_SD.dtype)
+
+
+@torch.library.custom_op("mpipemoe::grouped_mm_weight_grad_add_", mutates_args=("grad_w_EOD",))
+def grouped_mm_weight_grad_add_op(grad_w_EOD: Tensor, grad_y_SO: Tensor, x_SD: Tensor, offsets_E: Tensor) -> None:
+    backend_for(x_SD.device).grouped_mm_weight_grad_add_(grad_w_EOD, grad_y_SO, x_SD, offsets_E)
+
+
+@grouped_mm_weight_grad_add_op.register_fake
+def _(grad_w_EOD, grad_y_SO, x_SD, offsets_E):
+    return None
 
 
 def _grouped_mm_setup(ctx, inputs, output):
@@ -209,3 +221,39 @@ def grouped_mm(x_SD: Tensor, w_EOD: Tensor, offsets_E: Tensor) -> Tensor:
     if offsets_E.shape[0] != w_EOD.shape[0]:
         raise ValueError(f"offsets has {offsets_E.shape[0]} entries for {w_EOD.shape[0]} experts")
     return grouped_mm_op(x_SD, w_EOD, offsets_E)
+
+
+def grouped_mm_weight_grad(
+    grad_y_SO: Tensor,
+    x_SD: Tensor,
+    offsets_E: Tensor,
+    *,
+    out_dtype: torch.dtype | None = None,
+    accumulate: Tensor | None = None,
+) -> Tensor:
+    """Per expert e, `grad_y[rows of e].T @ x[rows of e]` `[E, O, D]` (zeros for an expert
+    without rows): the weight gradient of `grouped_mm`, one op for all experts.
+
+    `out_dtype` (default: the operands' dtype) is the dtype of the result; `torch.float32`
+    with bf16 operands returns the GEMMs' fp32 accumulators unrounded, so that callers
+    summing several calls (the pipeline's partitions) round once, at the end. With
+    `accumulate` (an `[E, O, D]` tensor, any floating dtype) the result is added into it in
+    place and it is returned (on CPU inside the GEMMs, no temporary).
+    """
+    if grad_y_SO.dim() != 2 or x_SD.dim() != 2 or grad_y_SO.shape[0] != x_SD.shape[0]:
+        raise ValueError(
+            f"need grad_y [S, O] and x [S, D] with the same S; got {tuple(grad_y_SO.shape)}, {tuple(x_SD.shape)}"
+        )
+    if grad_y_SO.dtype != x_SD.dtype:
+        raise TypeError(f"grad_y is {grad_y_SO.dtype} but x is {x_SD.dtype}")
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
+    _check_index("offsets", offsets_E, 1, x_SD.device)
+    if accumulate is not None:
+        expected = (offsets_E.shape[0], grad_y_SO.shape[1], x_SD.shape[1])
+        if tuple(accumulate.shape) != expected or not accumulate.is_floating_point():
+            raise ValueError(f"accumulate must be a floating tensor of shape {expected}, got "
+                             f"{accumulate.dtype} {tuple(accumulate.shape)}")
+        grouped_mm_weight_grad_add_op(accumulate, grad_y_SO, x_SD, offsets_E)
+        return accumulate
+    return grouped_mm_weight_grad_op(grad_y_SO, x_SD, offsets_E, out_dtype)

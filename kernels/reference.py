@@ -109,13 +109,17 @@ def unpermute_backward_reference(
     return grad_rows_SH[:num_rows], grad_weights_TK.to(weights_TK.dtype)
 
 
-def grouped_mm_weight_grad_reference(grad_y_SO: torch.Tensor, x_SD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Gradient of `grouped_mm_reference` w.r.t. w: `grad_y[rows of e].T @ x[rows of e]` per expert."""
+def grouped_mm_weight_grad_reference(
+    grad_y_SO: torch.Tensor, x_SD: torch.Tensor, offsets_E: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Gradient of `grouped_mm_reference` w.r.t. w: `grad_y[rows of e].T @ x[rows of e]` per expert,
+    computed and returned in `out_dtype` (default: the operands' dtype)."""
     ends = offsets_E.tolist()
-    grad_w_EOD = x_SD.new_zeros(len(ends), grad_y_SO.shape[1], x_SD.shape[1])
+    out_dtype = out_dtype or x_SD.dtype
+    grad_w_EOD = x_SD.new_zeros(len(ends), grad_y_SO.shape[1], x_SD.shape[1], dtype=out_dtype)
     start = 0
     for expert, end in enumerate(ends):
         if end > start:
-            grad_w_EOD[expert] = grad_y_SO[start:end].transpose(0, 1) @ x_SD[start:end]
+            grad_w_EOD[expert] = grad_y_SO[start:end].to(out_dtype).transpose(0, 1) @ x_SD[start:end].to(out_dtype)
         start = end
     return grad_w_EOD

@@ -133,17 +133,24 @@ class TritonBackend:
         return self.gemm_kernels.grouped_mm(x_SD, w_EOD, offsets_E)
 
     @_on_tensor_device
-    def grouped_mm_weight_grad(self, grad_y_SO, x_SD, offsets_E):
-        key = ("wgrad", x_SD.dtype, _bucket(x_SD.shape[0]), offsets_E.shape[0], grad_y_SO.shape[1], x_SD.shape[1])
+    def grouped_mm_weight_grad(self, grad_y_SO, x_SD, offsets_E, out_dtype=None):
+        out_dtype = out_dtype or x_SD.dtype
+        key = ("wgrad", x_SD.dtype, out_dtype, _bucket(x_SD.shape[0]), offsets_E.shape[0], grad_y_SO.shape[1],
+               x_SD.shape[1])
         impl = self._pick(
             key,
-            lambda: self._torch_weight_grad(grad_y_SO, x_SD, offsets_E),
-            lambda: self.gemm_kernels.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets_E),
+            lambda: self._torch_weight_grad(grad_y_SO, x_SD, offsets_E, out_dtype),
+            lambda: self.gemm_kernels.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets_E, out_dtype),
             x_SD.shape[0] > 0 and torch_grouped_mm_applies(grad_y_SO.transpose(0, 1), x_SD),
         )
         if impl == "torch":
-            return self._torch_weight_grad(grad_y_SO, x_SD, offsets_E)
-        return self.gemm_kernels.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets_E)
+            return self._torch_weight_grad(grad_y_SO, x_SD, offsets_E, out_dtype)
+        return self.gemm_kernels.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets_E, out_dtype)
+
+    def grouped_mm_weight_grad_add_(self, grad_w_EOD, grad_y_SO, x_SD, offsets_E):
+        # The grouped GEMM's accumulator in the target's dtype, then one add (an in-kernel
+        # accumulate would save that pass over the weights).
+        grad_w_EOD.add_(self.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets_E, grad_w_EOD.dtype))
 
     def _pick(self, key: tuple, run_torch: Callable, run_triton: Callable, torch_applies: bool) -> str:
         if self.grouped_mm_impl != "auto":
@@ -164,10 +171,12 @@ class TritonBackend:
         y_SO = torch.nn.functional.grouped_mm(x_SD, w_EOD.transpose(1, 2), offs=offsets_E.to(torch.int32))
         return self.gemm_kernels.zero_tail_rows(y_SO.contiguous(), offsets_E)
 
-    def _torch_weight_grad(self, grad_y_SO, x_SD, offsets_E):
+    def _torch_weight_grad(self, grad_y_SO, x_SD, offsets_E, out_dtype):
         if x_SD.shape[0] == 0 or offsets_E.shape[0] == 0:
-            return self.gemm_kernels.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets_E)
-        return torch.nn.functional.grouped_mm(grad_y_SO.transpose(0, 1), x_SD, offs=offsets_E.to(torch.int32))
+            return self.gemm_kernels.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets_E, out_dtype)
+        return torch.nn.functional.grouped_mm(
+            grad_y_SO.transpose(0, 1), x_SD, offs=offsets_E.to(torch.int32), out_dtype=out_dtype
+        )
 
 
 def _bucket(num_rows: int) -> int:

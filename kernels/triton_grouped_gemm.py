@@ -299,11 +299,16 @@ def grouped_mm(x_SD: torch.Tensor, w_EOD: torch.Tensor, offsets_E: torch.Tensor)
     return y_SO
 
 
-def grouped_mm_weight_grad(grad_y_SO: torch.Tensor, x_SD: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """`grad_w[e] = grad_y[rows of e].T @ x[rows of e]`; an expert with no rows gets zeros."""
+def grouped_mm_weight_grad(
+    grad_y_SO: torch.Tensor, x_SD: torch.Tensor, offsets_E: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """`grad_w[e] = grad_y[rows of e].T @ x[rows of e]`; an expert with no rows gets zeros.
+    The fp32 accumulator is stored in `out_dtype` (default: the operands' dtype)."""
     num_rows, in_features = x_SD.shape
     out_features, num_experts = grad_y_SO.shape[1], offsets_E.shape[0]
-    grad_w_EOD = torch.empty(num_experts, out_features, in_features, dtype=x_SD.dtype, device=x_SD.device)
+    grad_w_EOD = torch.empty(
+        num_experts, out_features, in_features, dtype=out_dtype or x_SD.dtype, device=x_SD.device
+    )
     if grad_w_EOD.numel() == 0:
         return grad_w_EOD
     if num_rows == 0:

@@ -70,10 +70,15 @@ class MoEProcessGroups:
         return self.ep_size * self.expert_dp_size
 
 
-def build_process_groups(expert_parallel_size: int, *, timeout: timedelta = DEFAULT_TIMEOUT) -> MoEProcessGroups:
+def build_process_groups(expert_parallel_size: int, *, timeout: timedelta = DEFAULT_TIMEOUT,
+                         backend: str | None = None) -> MoEProcessGroups:
     """Create the ep / ep-combine / expert-dp / dp groups on an initialised default group.
 
     Every rank must call this with the same arguments (group creation is collective).
+    `backend` is `torch.distributed.new_group`'s: None takes the default group's (NCCL under
+    Lightning on GPUs, which serves CUDA tensors only: every collective of the package runs on
+    the tokens' device, see `collectives.py`); "cpu:gloo,cuda:nccl" serves both, for a
+    process that truly needs host tensors on these groups.
     """
     if not dist.is_available() or not dist.is_initialized():
         check_parallel_sizes(1, expert_parallel_size)
@@ -93,16 +98,16 @@ def build_process_groups(expert_parallel_size: int, *, timeout: timedelta = DEFA
     # Group creation is collective over the world: every rank creates every group in order.
     for d in range(dp_size):
         ranks = list(range(d * ep, (d + 1) * ep))
-        dispatch = dist.new_group(ranks, timeout=timeout)
-        combine = dist.new_group(ranks, timeout=timeout)
+        dispatch = dist.new_group(ranks, timeout=timeout, backend=backend)
+        combine = dist.new_group(ranks, timeout=timeout, backend=backend)
         if rank in ranks:
             mine["ep"], mine["ep_combine"] = dispatch, combine
     for j in range(ep):
         ranks = list(range(j, world_size, ep))
-        group = dist.new_group(ranks, timeout=timeout)
+        group = dist.new_group(ranks, timeout=timeout, backend=backend)
         if rank in ranks:
             mine["expert_dp"] = group
-    mine["dp"] = dist.new_group(list(range(world_size)), timeout=timeout)
+    mine["dp"] = dist.new_group(list(range(world_size)), timeout=timeout, backend=backend)
     return MoEProcessGroups(
         ep=mine["ep"],
         ep_combine=mine["ep_combine"],

@@ -1,8 +1,10 @@
 """Per-step MoE metrics for Lightning's logger, synced with one all-reduce.
 
 Routing counts differ per rank (each rank counts the tokens it sent), so they are summed over
-the world, packed into one float64 tensor: a step costs one small all-reduce, whatever the
-number of layers. The executor's choices (n, restore strategy) are the same on every rank
+the world, packed into one float64 tensor on the device the group serves (the counts are
+already there): a logged step costs one small all-reduce and one copy to the host, whatever
+the number of layers. The strategy calls this after the optimizer step of the steps the
+trainer logs (`log_every_n_steps`), never between a forward and its backward. The executor's choices (n, restore strategy) are the same on every rank
 and are logged as they are.
 
 Logged keys, per MoE layer `L` (its qualified name in the LightningModule):
@@ -26,9 +28,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from lightning_mpipemoe import collectives
 from lightning_mpipemoe.config import RESTORE_STRATEGIES
 from lightning_mpipemoe.discovery import ExecutorView, read_executor_metrics
 
@@ -49,25 +51,29 @@ def moe_step_metrics(
     group: ProcessGroup | None,
     world_size: int,
     per_expert: bool = False,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
-    """This step's MoE metrics, identical on every rank. Collective over `group` (every rank
-    of the world, all with the same layers) when `world_size > 1`."""
+    """The MoE metrics since the last reset of the layers' stats, identical on every rank.
+    Collective over `group` (every rank of the world, all with the same layers) when
+    `world_size > 1`, on `device` (default: the CPU; the strategy passes its root device)."""
+    device = torch.device("cpu") if device is None else device
     layout: list[tuple[str, str, int]] = []  # (layer, what, length)
     local: list[torch.Tensor] = []
     for name, view in executors.items():
         if view.stats is not None:
             tokens_E = view.stats.tokens_per_expert_E
-            tokens_E = torch.zeros(view.num_experts) if tokens_E is None else tokens_E.detach().cpu()
+            tokens_E = torch.zeros(view.num_experts) if tokens_E is None else tokens_E.detach()
             layout.append((name, "tokens", view.num_experts))
-            local.append(tokens_E.to(torch.float64))
+            local.append(tokens_E.to(device, torch.float64))
             layout.append((name, "dropped", 1))
-            local.append(torch.tensor([float(view.stats.dropped)], dtype=torch.float64))
+            local.append(torch.tensor([float(view.stats.dropped)], dtype=torch.float64, device=device))
     if aux_loss is not None:
         layout.append(("", "aux_loss", 1))
-        local.append(aux_loss.detach().reshape(1).to("cpu", torch.float64))
-    packed = torch.cat(local) if local else torch.zeros(0, dtype=torch.float64)
+        local.append(aux_loss.detach().reshape(1).to(device, torch.float64))
+    packed = torch.cat(local) if local else torch.zeros(0, dtype=torch.float64, device=device)
     if world_size > 1 and packed.numel():
-        packed = _all_reduce_sum(packed, group)
+        collectives.all_reduce(packed, group=group, site="metrics.reduce")
+    packed = packed.to("cpu")
 
     metrics: dict[str, float] = {}
     for name, view in executors.items():
@@ -94,14 +100,3 @@ def moe_step_metrics(
         else:
             metrics["moe/aux_loss"] = float(values[0]) / world_size
     return metrics
-
-
-def _all_reduce_sum(packed: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-    backend = dist.get_backend(group)
-    if backend == "nccl":  # nccl reduces device tensors only
-        device = torch.device("cuda", torch.cuda.current_device())
-        on_device = packed.to(device)
-        dist.all_reduce(on_device, group=group)
-        return on_device.cpu()
-    dist.all_reduce(packed, group=group)
-    return packed

@@ -16,7 +16,8 @@ Order of events in a run (Lightning's `Trainer._run`):
 1. `Trainer(...)`: `_configure_launcher` checks the EP size against devices x nodes and the
    precision, before any process is launched.
 2. `setup_environment`: the default process group, then the ep / ep-combine / expert-dp / dp
-   groups (`groups.build_process_groups`, each with `timeout`).
+   groups (`groups.build_process_groups`, each with `timeout`), each warmed by one tiny
+   all-reduce on the root device (NCCL creates communicators lazily).
 3. `configure_model` (the user's), then `setup`: MoE layers are found (`discovery.py`),
    checked against the EP size, sharded (each rank keeps E/ep experts) and bound to the
    executor with the strategy's config; expert shards are made identical across expert-dp
@@ -55,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_mpipemoe import collectives
 from lightning_mpipemoe.atomic_dir import commit_directory, new_token, remove_stale, temporary_directory
 from lightning_mpipemoe.checkpointing import (
     DEFAULT_CHECKPOINT_TIMEOUT,
@@ -126,7 +128,9 @@ class MPipeMoEStrategy(DDPStrategy):
         checkpoint_timeout: timeout of the barriers around checkpoint and export writes (a
             group of their own, `checkpoint_group`; default 60 minutes: multi-GB writes).
         log_moe_metrics: "layer" (per-layer routing and executor metrics), "expert" (also the
-            tokens of every expert) or "off".
+            tokens of every expert) or "off". Counts accumulate on the device over the steps
+            between two logged ones and are reduced (one all-reduce) after the optimizer step of
+            each step the trainer logs (`log_every_n_steps`).
         expert_bucket_bytes: size of one expert-gradient all-reduce over the expert-dp group
             (buckets start during backward, as DDP's do; `grad_sync.ExpertGradReducer`).
         expert_grads_in_fp32: reduce low-precision expert gradients through an fp32 copy of
@@ -208,6 +212,7 @@ class MPipeMoEStrategy(DDPStrategy):
         self._grad_reducer: ExpertGradReducer | None = None
         self._checkpoint_timeout = checkpoint_timeout
         self._checkpoint_group = None
+        self._last_aux_loss: Any = None
 
     # ------------------------------------------------------------------------------ properties
 
@@ -281,6 +286,7 @@ class MPipeMoEStrategy(DDPStrategy):
         self._groups = build_process_groups(self.expert_parallel_size, timeout=self._timeout)
         self._checkpoint_group = build_checkpoint_group(self._checkpoint_timeout)
         groups = self._groups
+        warm_up_groups(groups, self.root_device)
         layout = (
             f"MPipeMoEStrategy: {groups.world_size} ranks = expert_parallel_size {groups.ep_size} x "
             f"data_parallel {groups.expert_dp_size}"
@@ -357,7 +363,7 @@ class MPipeMoEStrategy(DDPStrategy):
         named = dict(module.named_parameters())
         with torch.no_grad():
             for key in sorted(self._expert_keys):
-                dist.broadcast(named[key].data, src=src, group=groups.expert_dp)
+                collectives.broadcast(named[key].data, src, group=groups.expert_dp, site="strategy.expert_shards")
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -414,20 +420,40 @@ class MPipeMoEStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------------------- logging
 
+    # The routing counts of the steps between two logged ones accumulate on the device (the
+    # executor adds each call's counts there); they are reduced over the world in one all-reduce
+    # after the optimizer step of a step the trainer logs (`log_every_n_steps`), then reset:
+    # nothing runs between a step's forward and its backward, and nothing on the other steps.
+
+    def _logs_moe_metrics(self) -> bool:
+        return self._log_moe_metrics != "off" and bool(self._units)
+
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        log = self._log_moe_metrics != "off" and bool(self._units)
-        if log:
+        output = super().training_step(*args, **kwargs)
+        if self._logs_moe_metrics():
+            aux = output.get("aux_loss") if isinstance(output, Mapping) else None
+            self._last_aux_loss = aux.detach() if isinstance(aux, Tensor) else aux
+        return output
+
+    @override
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._logs_moe_metrics() and self._logs_this_step():
+            self._log_step(self._last_aux_loss)
             for view in self.moe_executors.values():
                 if view.stats is not None:
                     view.stats.reset()
-        output = super().training_step(*args, **kwargs)
-        if log:
-            self._log_step(output)
         return output
 
-    def _log_step(self, output: Any) -> None:
-        aux = output.get("aux_loss") if isinstance(output, Mapping) else None
+    def _logs_this_step(self) -> bool:
+        """Whether the trainer logs the metrics of the step that just stepped (its own rule)."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None:
+            return True
+        return trainer._logger_connector.should_update_logs
+
+    def _log_step(self, aux: Any) -> None:
         if aux is not None and not isinstance(aux, Tensor):
             aux = torch.tensor(float(aux))
         metrics = moe_step_metrics(
@@ -436,6 +462,7 @@ class MPipeMoEStrategy(DDPStrategy):
             group=self.moe_groups.dp,
             world_size=self.world_size,
             per_expert=self._log_moe_metrics == "expert",
+            device=self.root_device,
         )
         metrics["moe/expert_state_bytes"] = float(self._expert_state_bytes())
         assert self.lightning_module is not None
@@ -691,3 +718,13 @@ def _load_trained_weights(module: pl.LightningModule, state_dict: dict[str, Tens
 
 if "mpipemoe" not in StrategyRegistry:
     MPipeMoEStrategy.register_strategies(StrategyRegistry)
+
+
+def warm_up_groups(groups: MoEProcessGroups, device: torch.device) -> None:
+    """One tiny all-reduce on each MoE group at set-up, on `device` (the device the groups
+    serve): NCCL creates a communicator lazily at a group's first collective, which would
+    otherwise land inside the first pipelined forward (seconds, and a skew between ranks)."""
+    for name in ("ep", "ep_combine", "expert_dp", "dp"):
+        group = getattr(groups, name)
+        if group is not None and dist.get_world_size(group) > 1:
+            collectives.all_reduce(torch.zeros(1, device=device), group=group, site=f"strategy.warm_up.{name}")

@@ -12,7 +12,7 @@ from transformers import MixtralConfig, Qwen2MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
-from lightning_mpipemoe import ExpertWeights, build_process_groups, expert_parallel_forward
+from lightning_mpipemoe import ExecutorConfig, ExpertWeights, build_process_groups, expert_parallel_forward
 from lightning_mpipemoe.groups import check_parallel_sizes
 from tests.dist_utils import run_distributed
 from tests.moe_reference import assert_rel_close, keep_mask_reference, moe_reference, random_expert_weights
@@ -166,6 +166,39 @@ def test_bad_routing_inputs_raise_clear_errors(mutate, error, match):
         expert_parallel_forward(*tokens, ExpertWeights(full["w_in_EOH"], full["w_out_EHI"]))
 
 
+@pytest.mark.parametrize("n,restore", [(1, "none"), (3, "s1"), (2, "s4")])
+def test_mixed_dtypes_compute_in_the_hidden_states_dtype(n, restore):
+    """fp16 hidden states: with fp16 experts (matching) everything is fp16 and close to the fp32
+    loop; with fp32 experts (mixed) the weights are cast to fp16 once (autocast-style), so the
+    output is the matching case's, bit for bit, in fp16, and the weights' gradients come back
+    in fp32 (the same values up to fp16 rounding)."""
+    config = ExecutorConfig(num_partitions=n, restore=restore)
+    full = make_weights(4, True, True)
+    hidden_TH, index_TK, weights_TK = make_tokens(23, 4, 2, seed=5, route="random")
+    half = {k: v.half() for k, v in full.items()}
+    matching = run_executor(hidden_TH.half(), index_TK, weights_TK, half, True, F.silu, config=config)
+    assert matching[0].dtype == matching[1].dtype == torch.float16
+    assert all(g.dtype == torch.float16 for g in matching[3].values())
+    exact = run_reference(hidden_TH, index_TK, weights_TK, full, True, F.silu)
+    upcast = (matching[0].float(), matching[1].float(), matching[2], {k: g.float() for k, g in matching[3].items()})
+    compare(upcast, exact, f"fp16 n={n} {restore}", rel=2e-2)
+
+    mixed = run_executor(hidden_TH.half(), index_TK, weights_TK, full, True, F.silu, config=config)
+    assert mixed[0].dtype == torch.float16, "the output has the hidden states' dtype"
+    assert torch.equal(mixed[0], matching[0]), "fp32 experts compute exactly as experts cast to fp16 once"
+    assert torch.equal(mixed[1], matching[1])
+    for name, grad in mixed[3].items():
+        assert grad.dtype == torch.float32, f"{name}: the gradient comes back in the weight's dtype"
+        assert_rel_close(grad, matching[3][name].float(), 2.0**-9, f"mixed n={n} {restore} grad {name}")
+
+
+def test_non_floating_expert_weights_raise():
+    full = make_weights(6, True, False)
+    with pytest.raises(TypeError, match="w_in must be a floating-point tensor, got torch.int64"):
+        expert_parallel_forward(*make_tokens(4, 6, 2, 0, "random"),
+                                ExpertWeights(full["w_in_EOH"].long(), full["w_out_EHI"]))
+
+
 def test_mismatched_expert_weights_raise():
     full = make_weights(6, True, False)
     with pytest.raises(ValueError, match="w_out"):
@@ -222,6 +255,21 @@ def _ep_equivalence_worker(rank: int, world_size: int) -> None:
                 hf.gate_up_proj.copy_(full["w_in_EOH"])
                 hf.down_proj.copy_(full["w_out_EHI"])
             assert_rel_close(actual[0], hf(*mine).detach(), what=f"EP={world_size} vs HF MixtralExperts")
+
+    # An out-of-range expert on the last rank only: every rank raises, naming the index (found
+    # in the exchange of counts, before any token is sent, so no rank waits in an all-to-all),
+    # and the groups serve the next call as usual.
+    full = make_weights(num_experts, True, False)
+    local = {k: v[rank * (num_experts // world_size) : (rank + 1) * (num_experts // world_size)] for k, v in full.items()}
+    hidden_TH, index_TK, weights_TK = make_tokens(5, num_experts, 2, seed=99, route="random")
+    bad = index_TK.clone()
+    if rank == world_size - 1:
+        bad[2, 1] = num_experts + 3
+    where = "" if rank == world_size - 1 else rf" \(on rank {world_size - 1} of the expert-parallel group\)"
+    with pytest.raises(ValueError, match=rf"expert {num_experts + 3}; valid experts are 0..{num_experts - 1}{where}"):
+        expert_parallel_forward(hidden_TH, bad, weights_TK, ExpertWeights(**local), ep_group=groups.ep)
+    out_TH = expert_parallel_forward(hidden_TH, index_TK, weights_TK, ExpertWeights(**local), ep_group=groups.ep)
+    assert out_TH.shape == hidden_TH.shape
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -44,6 +44,7 @@ def test_triton_kernels_under_interpreter(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "tests/kernels_interpreted.py", "-q", "-p", "no:cacheprovider"]
     proc = subprocess.run(
+        # A guard against a hang, not a speed check: the 54 cases take 130-190 s on a loaded 2-core machine.
         [*cmd, f"--junitxml={report}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     tail = (proc.stdout + proc.stderr)[-6000:]
@@ -276,6 +277,29 @@ def test_cpu_backend_edge_cases():
     pos = torch.tensor([[1, -1], [2, -1]])
     weights = torch.rand(2, 2, generator=gen)
     _assert_equal(cpu.unpermute(rows, pos, weights), reference.unpermute_reference(rows, pos, weights), "non-finite unread row")
+
+
+@pytest.mark.parametrize("backend", [kernels.CpuBackend(), kernels.ReferenceBackend()], ids=["cpu", "reference"])
+def test_weight_grad_out_dtype_and_accumulate(backend):
+    """The weight gradient in a wider dtype (bf16 operands, fp32 result: the products of the
+    upcast operands, unrounded) and accumulated in place, an expert without rows included."""
+    gen = torch.Generator().manual_seed(3)
+    grad_y_SO = torch.randn(13, 5, generator=gen).bfloat16()
+    x_SD = torch.randn(13, 4, generator=gen).bfloat16()
+    offsets = torch.tensor([3, 3, 9, 13])  # expert 1 has no rows
+    exact = reference.grouped_mm_weight_grad_reference(grad_y_SO.float(), x_SD.float(), offsets)
+    with kernels.use_backend("cpu", backend):
+        wide = kernels.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets, out_dtype=torch.float32)
+        assert wide.dtype == torch.float32
+        torch.testing.assert_close(wide, exact, atol=1e-6, rtol=1e-6)
+        assert kernels.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets).dtype == torch.bfloat16
+        total = torch.ones(4, 5, 4)
+        returned = kernels.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets, accumulate=total)
+        assert returned is total
+        torch.testing.assert_close(total, exact + 1, atol=1e-6, rtol=1e-6)
+        assert torch.equal(total[1], torch.ones(5, 4)), "an expert without rows adds nothing"
+        with pytest.raises(ValueError, match="accumulate must be a floating tensor of shape"):
+            kernels.grouped_mm_weight_grad(grad_y_SO, x_SD, offsets, accumulate=torch.zeros(4, 5, 3))
 
 
 def test_unpermute_mixed_dtypes_promote_then_cast():

@@ -145,6 +145,31 @@ def test_bf16_rows_with_fp32_weights_match_the_reference():
             assert_close(a.float(), e.float(), f"bf16 n={n} {restore}", rel=2e-2)
 
 
+def _within_bf16_rounding(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Elementwise within one bf16 rounding step (2^-7 relative, the spacing of bf16) of `expected`."""
+    a, e = actual.float(), expected.float()
+    tolerance = e.abs() * 2.0**-7 + 1e-30
+    worst = ((a - e).abs() / tolerance).max()
+    assert worst <= 1.0, f"{what}: {float(worst):.2f} bf16 rounding steps apart"
+
+
+def test_bf16_gradients_do_not_depend_on_n():
+    """bf16 rows and bf16 parameters: the weight and bias gradients are summed over partitions
+    in fp32 and rounded once, so any n gives the n = 1 result up to that one rounding."""
+    full = {k: v.bfloat16() for k, v in make_weights(4, True, True).items()}
+    hidden_TH, index_TK, weights_TK = make_tokens(203, 4, 2, "random", seed=6)
+    tokens = (hidden_TH.bfloat16(), index_TK, weights_TK)
+    names = ["output", "grad hidden", "grad routing weights", "grad w_in", "grad w_out", "grad b_in", "grad b_out"]
+    for restore in ("none", "s4"):
+        one = run_once(pipelined_expert_parallel_forward, tokens, full, True, F.silu, 0, 1, config=ExecutorConfig(1, restore))
+        for n in (2, 4, 8):
+            actual = run_once(pipelined_expert_parallel_forward, tokens, full, True, F.silu, 0, 1,
+                              config=ExecutorConfig(n, restore))
+            for name, a, e in zip(names[3:], actual[3:], one[3:]):
+                assert a.dtype == torch.bfloat16
+                _within_bf16_rounding(a, e, f"n={n} {restore} {name}")
+
+
 def test_random_activation_is_replayed_in_backward():
     """A `gate_fn` that draws random numbers (Switch's expert dropout): backward recomputes the
     activation with the forward's mask, so output and every gradient equal the same partitions

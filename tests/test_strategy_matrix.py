@@ -139,8 +139,8 @@ def _logging_and_pipelined(rank: int, root: Path, reference: dict) -> None:
             assert metrics[f"moe/{layer}/restore"] == RESTORE_STRATEGIES.index("s2")
             assert metrics[f"moe/{layer}/decisions_held"] == 1  # the layer's executor_metrics()
         assert 0 < metrics["moe/aux_loss"] < 10
-        # Before step 1 only the weights; before step 2 also their gradients and momentum.
-        assert metrics["moe/expert_state_bytes"] == expert_bytes * (1 if index == 0 else 3)
+        # Logged after each optimizer step: the weights, their gradients and momentum.
+        assert metrics["moe/expert_state_bytes"] == expert_bytes * 3
 
 
 class _CaptureExpertGrads(Callback):

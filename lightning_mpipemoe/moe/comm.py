@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from lightning_mpipemoe import collectives
 from lightning_mpipemoe.config import SimulatedLink
 
 __all__ = ["AllToAllHandle", "Lanes", "LinkClock", "linked_all_to_all", "start_all_to_all", "wire_bytes"]
@@ -95,8 +96,11 @@ class Lanes:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.compute = torch.cuda.current_stream(device)
-            self.dispatch = torch.cuda.Stream(device)
-            self.combine = torch.cuda.Stream(device)
+            # Collectives' lanes at high priority: their kernels start as soon as they may,
+            # ahead of queued GEMMs, as Megatron-Core's and DeepEP's communication streams do.
+            # (A lower number is a higher priority; torch clamps -1 to the device's highest.)
+            self.dispatch = torch.cuda.Stream(device, priority=-1)
+            self.combine = torch.cuda.Stream(device, priority=-1)
             self.copy = torch.cuda.Stream(device)
 
     def stream(self, lane: str):
@@ -210,23 +214,27 @@ def start_all_to_all(
         ready_at = clock.reserve(wire_bytes(output_splits, input_splits, row_bytes, group))
     context = lanes.on(lane) if lanes is not None else contextlib.nullcontext()
     with context:
-        work = dist.all_to_all_single(output_SH, input_SH, output_splits, input_splits, group=group, async_op=True)
+        work = collectives.all_to_all_single(output_SH, input_SH, output_splits, input_splits, group=group,
+                                             async_op=True, site=f"executor.{lane}")
     return AllToAllHandle(output_SH, input_SH, work, lanes, lane, ready_at, on_wait)
 
 
 class _LinkedAllToAll(torch.autograd.Function):
-    """All-to-all that also crosses a simulated link, in forward and in backward."""
+    """All-to-all (through the checked collectives), over a simulated link when one is given,
+    in forward and in backward."""
 
     @staticmethod
     def forward(ctx, rows_SH, output_splits, input_splits, group, link):
         ctx.splits, ctx.group, ctx.link = (output_splits, input_splits), group, link
-        return start_all_to_all(rows_SH, output_splits, input_splits, group, clock=LinkClock(link)).wait()
+        clock = LinkClock(link) if link is not None else None
+        return start_all_to_all(rows_SH, output_splits, input_splits, group, clock=clock, lane="reference").wait()
 
     @staticmethod
     def backward(ctx, grad_SH):
         output_splits, input_splits = ctx.splits
-        clock = LinkClock(ctx.link)
-        grad = start_all_to_all(grad_SH.contiguous(), input_splits, output_splits, ctx.group, clock=clock).wait()
+        clock = LinkClock(ctx.link) if ctx.link is not None else None
+        grad = start_all_to_all(grad_SH.contiguous(), input_splits, output_splits, ctx.group, clock=clock,
+                                lane="reference_backward").wait()
         return grad, None, None, None, None
 
 
@@ -235,9 +243,10 @@ def linked_all_to_all(
     output_splits: list[int],
     input_splits: list[int],
     group: ProcessGroup | None,
-    link: SimulatedLink,
+    link: SimulatedLink | None,
 ) -> torch.Tensor:
-    """Differentiable all-to-all over `link` (the reference path's form; one transfer at a time)."""
+    """Differentiable all-to-all, over `link` when given (the reference path's form; one
+    transfer at a time)."""
     if _group_size(group) == 1:
         return rows_SH
     return _LinkedAllToAll.apply(rows_SH, output_splits, input_splits, group, link)

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from lightning_mpipemoe import collectives
 from lightning_mpipemoe.kernels import api as kernels
 from lightning_mpipemoe.config import RESTORE_STRATEGIES, SimulatedLink
 from lightning_mpipemoe.moe.comm import Lanes, LinkClock, start_all_to_all, wire_bytes
@@ -218,16 +219,16 @@ def choose_strategy(
 # -- calibration ---------------------------------------------------------------------------------
 
 
-def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """All-reduce a small CPU tensor over `group` (a device copy for NCCL); identity on one rank."""
+def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None, op=dist.ReduceOp.SUM, *,
+               device: torch.device | None = None, site: str = "tuner.agree") -> torch.Tensor:
+    """All-reduce a small host tensor over `group` on `device` (the layer's: the device its
+    EP group serves), returned on the host; identity on one rank. For set-up, calibration and
+    the rounds of a profiling session (which synchronise anyway), not the layer's hot path."""
     if group_size(group) == 1:
         return tensor
-    if dist.get_backend(group) == "nccl":
-        on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(on_device, op=op, group=group)
-        return on_device.cpu()
-    dist.all_reduce(tensor, op=op, group=group)
-    return tensor
+    on_device = tensor.to(device) if device is not None else tensor
+    collectives.all_reduce(on_device, op, group=group, site=site)
+    return on_device.to("cpu")
 
 
 def _sync(device: torch.device) -> None:
@@ -247,7 +248,7 @@ def _best_seconds(steps: dict, device: torch.device, repeats: int, group: Proces
     for round_ in range(repeats + 1):
         for name, (fn, collective) in steps.items():
             if collective and group_size(group) > 1:
-                dist.barrier(group=group)  # start the collective together: time it, not the skew
+                collectives.barrier(group=group, site="tuner.calibrate")  # time the collective, not the skew
             _sync(device)
             start = time.perf_counter()
             fn()
@@ -322,7 +323,8 @@ def calibrate(
 
     def agree(times: dict) -> dict:
         names = sorted(times)
-        agreed = all_reduce(torch.tensor([times[k] for k in names], dtype=torch.float64), ep_group, dist.ReduceOp.MAX)
+        agreed = all_reduce(torch.tensor([times[k] for k in names], dtype=torch.float64), ep_group, dist.ReduceOp.MAX,
+                            device=device, site="tuner.calibrate")
         return dict(zip(names, agreed.tolist()))
 
     # Phase 1: each stream alone.

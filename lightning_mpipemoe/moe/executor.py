@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.distributed import ProcessGroup
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from lightning_mpipemoe.kernels import api as kernels
 from lightning_mpipemoe.config import ExecutorConfig, SimulatedLink
 from lightning_mpipemoe.moe.comm import linked_all_to_all
-from lightning_mpipemoe.moe.dispatch import DispatchPlan, check_routing, group_size, plan_dispatch
+from lightning_mpipemoe.moe.dispatch import DispatchPlan, HostRider, check_routing, group_size, plan_dispatch
 from lightning_mpipemoe.moe.experts import ExpertWeights, expert_ffn
 from lightning_mpipemoe.moe.memory import PipelineRecord
 from lightning_mpipemoe.moe.pipeline import combined_positions, pipelined_experts
@@ -74,9 +73,7 @@ def all_to_all(
     simulated link when one is configured (so that the reference pays the same wire)."""
     if group_size(group) == 1:
         return rows_SH
-    if link is not None:
-        return linked_all_to_all(rows_SH.contiguous(), out_splits, in_splits, group, link)
-    return all_to_all_single_autograd(rows_SH.contiguous(), out_splits, in_splits, group)
+    return linked_all_to_all(rows_SH.contiguous(), out_splits, in_splits, group, link)
 
 
 def _run_partition(
@@ -88,13 +85,14 @@ def _run_partition(
     combine_group: ProcessGroup | None,
     link: SimulatedLink | None = None,
 ) -> torch.Tensor:
-    rows_SH = kernels.permute(hidden_TH, plan.src_token_S)
+    # Each permute gets its inverse map (pos), so its backward is a gather-sum: no sort, no sync.
+    rows_SH = kernels.permute(hidden_TH, plan.src_token_S, plan.pos_TK)
     received_SH = all_to_all(rows_SH, plan.recv_splits, plan.send_splits, ep_group, link)
     if group_size(ep_group) > 1:
-        received_SH = kernels.permute(received_SH, plan.regroup_S)
-    out_SH = expert_ffn(received_SH, plan.expert_offsets_L, experts)
+        received_SH = kernels.permute(received_SH, plan.regroup_S, plan.unregroup_S.view(-1, 1))
+    out_SH = expert_ffn(received_SH, plan.expert_offsets_L, experts, plan.expert_ends)
     if group_size(ep_group) > 1:
-        out_SH = kernels.permute(out_SH, plan.unregroup_S)
+        out_SH = kernels.permute(out_SH, plan.unregroup_S, plan.regroup_S.view(-1, 1))
     returned_SH = all_to_all(out_SH, plan.send_splits, plan.recv_splits, combine_group, link)
     return kernels.unpermute(returned_SH, plan.pos_TK, weights_TK)
 
@@ -124,7 +122,7 @@ def expert_parallel_forward(
     untuned default, `config.resolved()`); a profiled call returns the real result.
     """
     config = config or ExecutorConfig()
-    sample = None
+    sample, riders = None, ()
     if config.is_auto:
         if tuner is None:
             config = config.resolved()
@@ -138,7 +136,7 @@ def expert_parallel_forward(
                 config, top_k_index_TK=top_k_index_TK, experts=experts, dtype=compute_dtype(hidden_TH),
                 device=hidden_TH.device, ep_group=ep_group, capacity=capacity, capacity_group_size=capacity_group_size,
             )
-            config, sample = call.config, call.sample
+            config, sample, riders = call.config, call.sample, call.riders
     engine = "pipelined" if config.pipelined else "reference"
     if sample is not None:
         hidden_TH, experts = sample.wrap_inputs(hidden_TH, experts)
@@ -146,6 +144,7 @@ def expert_parallel_forward(
     out_TH = _execute(
         hidden_TH, top_k_index_TK, top_k_weights_TK, experts, ep_group=ep_group, combine_group=combine_group,
         config=config, capacity=capacity, capacity_group_size=capacity_group_size, stats=stats, engine=engine,
+        riders=riders,
     )
     if sample is not None:
         sample.forward_done(out_TH)
@@ -213,6 +212,7 @@ def _execute(
     stats: RoutingStats | None,
     engine: str,
     record: PipelineRecord | None = None,
+    riders: tuple[HostRider, ...] = (),
 ) -> torch.Tensor:
     experts.check()
     ep_size = group_size(ep_group)
@@ -231,6 +231,7 @@ def _execute(
         num_partitions=config.num_partitions,
         capacity=capacity,
         capacity_group_size=capacity_group_size,
+        riders=riders,
     )
     if stats is not None:
         stats.record(plans)
@@ -242,12 +243,13 @@ def _execute(
         )
         out_TH = kernels.unpermute(combined_NH, combined_positions(plans), top_k_weights_TK)
         return out_TH.to(hidden_TH.dtype)
+    compute_experts = experts.in_dtype(rows_TH.dtype)  # cast once per call (autograd carries it back)
     outputs = [
         _run_partition(
             rows_TH[plan.token_start : plan.token_end],
             top_k_weights_TK[plan.token_start : plan.token_end],
             plan,
-            experts,
+            compute_experts,
             ep_group,
             combine_group,
             config.link,

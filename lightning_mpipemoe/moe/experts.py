@@ -6,7 +6,7 @@ O = 2I for gated experts (gate and up concatenated) or I for plain ones, E local
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,6 +49,16 @@ class ExpertWeights:
     def intermediate_size(self) -> int:
         return self.w_out_EHI.shape[2]
 
+    def in_dtype(self, dtype: torch.dtype) -> "ExpertWeights":
+        """The weights in the rows' compute dtype, cast once (autocast-style: fp32 master weights,
+        bf16 rows); the casts stay in the autograd graph, so gradients reach the parameters in
+        their own dtype. No copy when the dtypes already match."""
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or t.dtype == dtype else t.to(dtype)
+
+        return replace(self, w_in_EOH=cast(self.w_in_EOH), w_out_EHI=cast(self.w_out_EHI),
+                       b_in_EO=cast(self.b_in_EO), b_out_EH=cast(self.b_out_EH))
+
     def check(self) -> None:
         """Raise a ValueError naming the inconsistent shape."""
         if self.w_in_EOH.dim() != 3 or self.w_out_EHI.dim() != 3:
@@ -68,6 +78,10 @@ class ExpertWeights:
             raise ValueError(f"b_in must be [E, {o}] = [{e}, {o}], got {tuple(self.b_in_EO.shape)}")
         if self.b_out_EH is not None and self.b_out_EH.shape != (e, h):
             raise ValueError(f"b_out must be [E, H] = [{e}, {h}], got {tuple(self.b_out_EH.shape)}")
+        for name, t in (("w_in", self.w_in_EOH), ("w_out", self.w_out_EHI), ("b_in", self.b_in_EO),
+                        ("b_out", self.b_out_EH)):
+            if t is not None and not t.is_floating_point():
+                raise TypeError(f"expert weight {name} must be a floating-point tensor, got {t.dtype}")
 
 
 def _rows_expert_bias(bias_EX: torch.Tensor, offsets_E: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -122,12 +136,14 @@ def _one_expert(experts: ExpertWeights, e: int) -> ExpertWeights:
     )
 
 
-def _expert_ffn_by_segment(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+def _expert_ffn_by_segment(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights,
+                           ends: Sequence[int] | None) -> torch.Tensor:
     """One expert at a time, for CPU: the per-expert intermediates stay in cache, and the
     allocator reuses them instead of mapping fresh pages for one `[S, 2I]` tensor per call
-    (tens of thousands of page faults a step). Bit-identical to the grouped form."""
+    (tens of thousands of page faults a step). Bit-identical to the grouped form. `ends` is
+    the host copy of `offsets_E` when the caller has one (the dispatch plan does)."""
     pieces, start = [], 0
-    for e, end in enumerate(offsets_E.tolist()):
+    for e, end in enumerate(ends if ends is not None else offsets_E.tolist()):
         if end > start:
             one = _one_expert(experts, e)
             pre_SO = expert_input_projection(x_SH[start:end], offsets_E.new_tensor([end - start]), one)
@@ -145,12 +161,14 @@ def _expert_ffn_grouped(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: Ex
     return expert_output_projection(expert_activation(pre_SO, experts), offsets_E, experts)
 
 
-def expert_ffn(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
-    """The expert FFN over contiguous per-expert row segments (`offsets_E`: cumulative ends).
+def expert_ffn(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights,
+               ends: Sequence[int] | None = None) -> torch.Tensor:
+    """The expert FFN over contiguous per-expert row segments (`offsets_E`: cumulative ends;
+    `ends`: their host copy, if the caller has one).
 
     The output always stays in the autograd graph, even with no rows: under expert
     parallelism a rank that received nothing must still join the backward all-to-alls.
     """
     if x_SH.device.type == "cpu":
-        return _expert_ffn_by_segment(x_SH, offsets_E, experts)
+        return _expert_ffn_by_segment(x_SH, offsets_E, experts, ends)
     return _expert_ffn_grouped(x_SH, offsets_E, experts)

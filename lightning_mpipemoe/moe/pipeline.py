@@ -82,7 +82,6 @@ class PipelineCall:
     strategy: RestoreStrategy
     link: SimulatedLink | None
     record: PipelineRecord | None
-    expert_ends: list[list[int]]  # per partition, host copy of expert_offsets_L
 
     @property
     def multi_rank(self) -> bool:
@@ -106,29 +105,20 @@ def _trace(call: PipelineCall, what: str, partition: int) -> None:
         call.record.event(what, partition)
 
 
-def _segments(ends: list[int]):
-    start = 0
-    for expert, end in enumerate(ends):
-        if end > start:
-            yield expert, start, end
-        start = end
+def _weight_grad(total: torch.Tensor | None, grad_SO: torch.Tensor, x_SD: torch.Tensor, offsets_L: torch.Tensor,
+                 acc_dtype: torch.dtype) -> torch.Tensor:
+    """`total[e] += grad[rows of e].T @ x[rows of e]` for all experts: one grouped GEMM per
+    partition, summed in `acc_dtype` (fp32 for bf16 rows) without rounding in between."""
+    if total is None:
+        return kernels.grouped_mm_weight_grad(grad_SO, x_SD, offsets_L, out_dtype=acc_dtype)
+    return kernels.grouped_mm_weight_grad(grad_SO, x_SD, offsets_L, accumulate=total)
 
 
-def _weight_grad(grad_w_EOD: torch.Tensor, grad_SO: torch.Tensor, x_SD: torch.Tensor, ends: list[int]) -> None:
-    """`grad_w[e] += grad[rows of e].T @ x[rows of e]`, the grouped GEMM's weight gradient."""
-    fused = grad_SO.dtype == x_SD.dtype == grad_w_EOD.dtype
-    for expert, start, end in _segments(ends):
-        if fused:  # accumulate inside the GEMM, no temporary
-            grad_w_EOD[expert].addmm_(grad_SO[start:end].t(), x_SD[start:end])
-        else:
-            grad_w_EOD[expert] += (grad_SO[start:end].t() @ x_SD[start:end]).to(grad_w_EOD.dtype)
-
-
-def _bias_grad(grad_b_EO: torch.Tensor | None, grad_SO: torch.Tensor, ends: list[int]) -> None:
-    if grad_b_EO is None:
-        return
-    for expert, start, end in _segments(ends):
-        grad_b_EO[expert] += grad_SO[start:end].sum(0).to(grad_b_EO.dtype)
+def _bias_grad(total: torch.Tensor | None, grad_SO: torch.Tensor, offsets_L: torch.Tensor,
+               acc_dtype: torch.dtype) -> torch.Tensor:
+    """Per-expert row sums of `grad_SO`, `[L, O, 1]`: the same grouped GEMM against a column of
+    ones (deterministic, summed in `acc_dtype`; no atomics, no loop over experts)."""
+    return _weight_grad(total, grad_SO, grad_SO.new_ones(grad_SO.shape[0], 1), offsets_L, acc_dtype)
 
 
 class _PipelinedExperts(torch.autograd.Function):
@@ -139,7 +129,8 @@ class _PipelinedExperts(torch.autograd.Function):
         device = hidden_TH.device
         lanes, pool = Lanes(device), BufferPool()
         clock = LinkClock(call.link) if call.link is not None else None
-        experts, plans, multi = call.experts, call.plans, call.multi_rank
+        plans, multi = call.plans, call.multi_rank
+        experts = call.experts.in_dtype(hidden_TH.dtype)  # cast once per call, not per GEMM
         width = w_in_EOH.shape[1]
         sent_starts = call.sent_starts()
         stash = Stash(
@@ -265,18 +256,22 @@ def _backward(call, stash, plans, grad_out_NH, hidden_TH, w_in_EOH, w_out_EHI, b
     device = grad_out_NH.device
     lanes, pool = Lanes(device), BufferPool()
     clock = LinkClock(call.link) if call.link is not None else None
-    experts, multi, strategy = call.experts, call.multi_rank, call.strategy
+    multi, strategy = call.multi_rank, call.strategy
     grad_out_NH = grad_out_NH.contiguous()
+    dtype = grad_out_NH.dtype
+    experts = call.experts.in_dtype(dtype)  # cast once per call (recomputation's GEMM1)
     sent_starts = call.sent_starts()
     grad_hidden_TH = grad_out_NH.new_zeros(input_shape)
-    grad_w_in = torch.zeros_like(w_in_EOH)
-    grad_w_out = torch.zeros_like(w_out_EHI)
-    grad_b_in = torch.zeros_like(b_in_EO) if b_in_EO is not None else None
-    grad_b_out = torch.zeros_like(b_out_EH) if b_out_EH is not None else None
+    # Weight and bias gradients: one grouped GEMM per partition, summed across partitions in
+    # fp32 (or wider), rounded to the parameter's dtype once at the end, so that they do not
+    # depend on n beyond that rounding.
+    acc_dtype = torch.promote_types(w_in_EOH.dtype, torch.float32)
+    grad_w_in = grad_w_out = grad_b_in = grad_b_out = None
     # Transposed weights for the data gradients, grad_act = grad_y @ W_out[e] and
     # grad_x = grad_pre @ W_in[e], in the rows' dtype as the forward used them.
-    w_out_EIH = w_out_EHI.transpose(1, 2).to(grad_out_NH.dtype)
-    w_in_EHO = w_in_EOH.transpose(1, 2).to(grad_out_NH.dtype)
+    w_out_EIH = experts.w_out_EHI.transpose(1, 2)
+    w_in_EHO = experts.w_in_EOH.transpose(1, 2)
+    ones_TK = None  # fp32 unit weights of the input gradient's gather-sum
 
     def issue(j: int) -> dict:
         """Start everything partition j's expert backward waits for."""
@@ -307,18 +302,23 @@ def _backward(call, stash, plans, grad_out_NH, hidden_TH, w_in_EOH, w_out_EHI, b
         return kernels.permute(rows_SH, plan.regroup_S) if multi else rows_SH
 
     def scatter_input_grad(j: int, handle) -> None:
+        """Token gradients of partition j: the sum of its top-k copies' rows, a gather-sum
+        through `pos_TK` in fp32 (deterministic; no atomics, no bf16 accumulation)."""
+        nonlocal ones_TK
         plan = plans[j]
         rows_SH = handle.wait()
         _trace(call, "grad_in_done", j)
-        if rows_SH.shape[0]:
-            grad_tokens_TH = grad_hidden_TH[plan.token_start : plan.token_end]
-            grad_tokens_TH.index_add_(0, plan.src_token_S, rows_SH.to(grad_hidden_TH.dtype))
+        if plan.token_end > plan.token_start:
+            pos_TK = plan.pos_TK
+            if ones_TK is None or ones_TK.shape[1] != pos_TK.shape[1]:
+                ones_TK = torch.ones(1, pos_TK.shape[1], dtype=torch.float32, device=device)
+            summed_TH = kernels.unpermute(rows_SH, pos_TK, ones_TK.expand(pos_TK.shape[0], -1))
+            grad_hidden_TH[plan.token_start : plan.token_end] = summed_TH
         pool.drop("dX_comm", "dX_recv")
 
     pending = issue(0)
     grad_in = None
     for j, plan in enumerate(plans):
-        ends = call.expert_ends[j]
         offsets_L = plan.expert_offsets_L
         grad_y_SH = regroup(pending["grad_y"].wait(), plan)
         if multi:
@@ -352,16 +352,20 @@ def _backward(call, stash, plans, grad_out_NH, hidden_TH, w_in_EOH, w_out_EHI, b
             act_SI = _replayed_activation(pre_leaf, experts, rng_states[j] if rng_states is not None else None)
         pool.put("act", act_SI)
         grad_act_SI = pool.put("dAct", kernels.grouped_mm(grad_y_SH, w_out_EIH, offsets_L))
-        _weight_grad(grad_w_out, grad_y_SH, act_SI.detach(), ends)
-        _bias_grad(grad_b_out, grad_y_SH, ends)
+        if needs[3]:
+            grad_w_out = _weight_grad(grad_w_out, grad_y_SH, act_SI.detach(), offsets_L, acc_dtype)
+        if b_out_EH is not None and needs[5]:
+            grad_b_out = _bias_grad(grad_b_out, grad_y_SH, offsets_L, acc_dtype)
         pool.drop("dY")
         del grad_y_SH
         (grad_pre_SO,) = torch.autograd.grad(act_SI, pre_leaf, grad_act_SI)
         pool.put("dPre", grad_pre_SO)
         pool.drop("act", "dAct", "T_M")
         del act_SI, grad_act_SI, pre_leaf, pre_SO
-        _weight_grad(grad_w_in, grad_pre_SO, x_SH, ends)
-        _bias_grad(grad_b_in, grad_pre_SO, ends)
+        if needs[2]:
+            grad_w_in = _weight_grad(grad_w_in, grad_pre_SO, x_SH, offsets_L, acc_dtype)
+        if b_in_EO is not None and needs[4]:
+            grad_b_in = _bias_grad(grad_b_in, grad_pre_SO, offsets_L, acc_dtype)
         pool.drop("T_DI")
         del x_SH
         grad_x_SH = pool.put("dX", kernels.grouped_mm(grad_pre_SO, w_in_EHO, offsets_L))
@@ -388,13 +392,15 @@ def _backward(call, stash, plans, grad_out_NH, hidden_TH, w_in_EOH, w_out_EHI, b
         call.record.backward_peak_temp_bytes = pool.peak_bytes
         call.record.backward_peak_slots = dict(pool.peak_slots)
         call.record.backward_wire_s = clock.busy_s if clock is not None else 0.0
-    grad_hidden = grad_hidden_TH if needs[1] else None
+    def final(total: torch.Tensor | None, param: torch.Tensor | None) -> torch.Tensor | None:
+        return None if total is None else total.view(param.shape).to(param.dtype)
+
     return (
-        grad_hidden,
-        grad_w_in if needs[2] else None,
-        grad_w_out if needs[3] else None,
-        grad_b_in if needs[4] else None,
-        grad_b_out if needs[5] else None,
+        grad_hidden_TH if needs[1] else None,
+        final(grad_w_in, w_in_EOH),
+        final(grad_w_out, w_out_EHI),
+        final(grad_b_in, b_in_EO),
+        final(grad_b_out, b_out_EH),
     )
 
 
@@ -419,7 +425,6 @@ def pipelined_experts(
         strategy=restore_strategy(restore),
         link=link,
         record=record,
-        expert_ends=[plan.expert_offsets_L.tolist() for plan in plans],
     )
     return _PipelinedExperts.apply(
         call, hidden_TH, experts.w_in_EOH, experts.w_out_EHI, experts.b_in_EO, experts.b_out_EH

@@ -51,7 +51,9 @@ inside backward (gradient checkpointing's recomputation; the autograd engine is 
 graph task then) repeats the decision of the forward it re-runs, recognised on each rank by
 a digest of its routing (identical in the recomputation), so recomputed tensors have the
 same shapes; whether every rank found it rides along with the recomputation's own load
-(then agreed synchronously), and if any did not, all fall back to a lookup.
+(then agreed synchronously), and if any did not, all fall back to a lookup. (That agreement
+and the digest cost a recomputation two host syncs beyond its count copy; a steady forward
+has none beyond that copy: its digest and load ride in it, see `load_key`.)
 
 Persistence: `state_dict()` / `load_state_dict()` (JSON-ready, see `tuning_store`) carry the
 range table and the calibration with a fingerprint of shapes, sizes and hardware; at its
@@ -82,7 +84,7 @@ from lightning_mpipemoe.moe.cost_model import (
     choose_strategy,
     needs_calibration,
 )
-from lightning_mpipemoe.moe.dispatch import group_size
+from lightning_mpipemoe.moe.dispatch import HostRider, group_size
 from lightning_mpipemoe.moe.experts import ExpertWeights
 from lightning_mpipemoe.moe.load_key import LoadExchange, agree_load, kept_counts, load_of, load_packet, routing_digest
 from lightning_mpipemoe.moe.memory import LayerShape
@@ -114,6 +116,9 @@ class TunedCall:
 
     config: ExecutorConfig
     sample: ProfileSample | None = None
+    #: Values the tuner needs on the host, for the executor to hand to `plan_dispatch` (they
+    #: ride to the host in the call's one copy of counts instead of a sync of their own).
+    riders: tuple[HostRider, ...] = ()
 
 
 class LayerTuner:
@@ -158,6 +163,8 @@ class LayerTuner:
         self._pending: dict | None = None
         self._lag_key: int | None = None  # the latest agreed load
         self._inflight: LoadExchange | None = None  # the latest exchanged load, on its way
+        # Routing digests of forwards on their way to the host: (shape, rider, n, restore).
+        self._digests_in_flight: list[tuple[tuple, HostRider, int, str]] = []
         self._calls = 0
         self._reset(None)
 
@@ -204,24 +211,36 @@ class LayerTuner:
         self._setup(config, experts, top_k_index_TK.shape[1], dtype, device, ep_group, ep_size)
         num_experts = experts.num_local_experts * ep_size
         self._shape_args = (top_k_index_TK.shape[1], experts, dtype, ep_size, device, ep_group)
-        packet = load_packet(top_k_index_TK, num_experts, ep_group, capacity, capacity_group_size)
-        digest = routing_digest(top_k_index_TK)
+
+        def packet() -> torch.Tensor:
+            return load_packet(top_k_index_TK, num_experts, ep_group, capacity, capacity_group_size)
+
+        shape, digest_1 = routing_digest(top_k_index_TK)
         self._calls += 1
-        if self._inflight is not None:  # an earlier call's load: long arrived
+        self._settle_digests()
+        if self._inflight is not None:  # an earlier call's load: long arrived (its plan carried it)
             self._complete(self._inflight)
             self._inflight = None
         if _in_backward():
-            return self._recompute(config, packet, digest, ep_group, num_experts)
+            return self._recompute(config, packet(), (shape, int(digest_1)), ep_group, num_experts)
         mode = "train" if torch.is_grad_enabled() else "infer"
         # The key this call decides by is the latest agreed load. A call's own load is agreed in
-        # the background (no wait; it keys the calls after it) on every call while a session
-        # runs, else on every EXCHANGE_EVERY-th: the exchange costs a collective's latency and
-        # CPU, and a steady run's load changes slowly. It is agreed now (wait) at the first call.
-        if self._lag_key is None or ep_size == 1:
-            self._lag_key = LoadExchange(packet, ep_group, num_experts, wait=True).key()
+        # the background (no wait; it keys the calls after it, and reaches the host in this
+        # call's one copy of counts) on every call while a session runs, else on every
+        # EXCHANGE_EVERY-th: the exchange costs a collective's latency, and a steady run's load
+        # changes slowly. It is agreed now (wait, a sync) at the first call. On one rank without
+        # capacity the key is the call's own slot count, host metadata: nothing to exchange; on
+        # one rank with capacity the kept count is read now (a sync per call, not yet removed).
+        riders: list[HostRider] = []
+        if ep_size == 1 and capacity is None:
+            self._lag_key = top_k_index_TK.numel()
+            exchange = None
+        elif self._lag_key is None or ep_size == 1:
+            self._lag_key = LoadExchange(packet(), ep_group, num_experts, wait=True).key()
             exchange = None
         elif self._session is not None or self._calls % self.EXCHANGE_EVERY == 0:
-            exchange = self._inflight = LoadExchange(packet, ep_group, num_experts, wait=False)
+            exchange = self._inflight = LoadExchange(packet(), ep_group, num_experts, wait=False)
+            riders.append(exchange.rider())
         else:
             exchange = None
         key = self._lag_key
@@ -233,12 +252,23 @@ class LayerTuner:
                 exchange.sample = sample
             else:  # its own load is the one just agreed
                 sample.key = max(key, 1)
-        self._forwards[digest] = (n, restore)
-        self._forwards.move_to_end(digest)
+        digest_rider = HostRider(digest_1)
+        riders.append(digest_rider)
+        self._digests_in_flight.append((shape, digest_rider, n, restore))
+        self._last = (n, restore, key)
+        return TunedCall(config.resolved(n, restore), sample, tuple(riders))
+
+    def _settle_digests(self) -> None:
+        """Remember the decisions of forwards whose routing digest reached the host (a forward
+        whose plan never ran has nothing to recompute)."""
+        for shape, rider, n, restore in self._digests_in_flight:
+            if rider.host is not None:
+                digest = (shape, rider.host[0])
+                self._forwards[digest] = (n, restore)
+                self._forwards.move_to_end(digest)
+        self._digests_in_flight.clear()
         while len(self._forwards) > 64:
             self._forwards.popitem(last=False)
-        self._last = (n, restore, key)
-        return TunedCall(config.resolved(n, restore), sample)
 
     def _recompute(self, config, packet, digest, ep_group, num_experts) -> TunedCall:
         """A forward re-run inside backward: the decision of the forward it repeats (found by
@@ -287,7 +317,8 @@ class LayerTuner:
         budget = budget_bytes(config.memory_budget, _device_memory(device))
         packet = torch.tensor([int(pending is not None and not reason), digest, -digest,
                                _NO_BUDGET if budget is None else budget], dtype=torch.int64)
-        match, low, neg_high, agreed_budget = all_reduce(packet, ep_group, dist.ReduceOp.MIN).tolist()
+        match, low, neg_high, agreed_budget = all_reduce(packet, ep_group, dist.ReduceOp.MIN, device=device,
+                                                               site="tuner.setup").tolist()
         self._budget = None if agreed_budget == _NO_BUDGET else agreed_budget
         if pending is None:
             return
@@ -441,7 +472,8 @@ class LayerTuner:
         for index in session.order:
             sample = session.local.get(index)
             values.extend(sample.per_row() if sample is not None else (math.inf, math.inf))
-        agreed = all_reduce(torch.tensor(values, dtype=torch.float64), ep_group, dist.ReduceOp.MAX).tolist()
+        agreed = all_reduce(torch.tensor(values, dtype=torch.float64), ep_group, dist.ReduceOp.MAX,
+                            device=self._shape_args[4], site="tuner.session_round").tolist()
         session.history.append({index: (agreed[2 * j], agreed[2 * j + 1]) for j, index in enumerate(session.order)})
         rounds = len(session.history)
         # Sequential decision on paired log-ratios against the leader: a candidate significantly
