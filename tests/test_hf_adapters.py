@@ -227,7 +227,6 @@ def test_reconvert_rebinds_but_refuses_another_layout():
     assert bindings and all(b.config.num_partitions == 4 for b in bindings)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed (optional)")
 def test_peft_lora_on_non_expert_layers():
     import peft
 
