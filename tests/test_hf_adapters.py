@@ -7,7 +7,6 @@ test_hf_distributed.py.
 from __future__ import annotations
 
 import copy
-import importlib.util
 from unittest import mock
 
 import lightning_mpipemoe  # noqa: F401  isort: skip  (first: registers "mpipemoe"; see tests/hf_tiny.py)
