@@ -165,6 +165,37 @@ class TinyMoELM(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
+class ReplicasStartApart(TinyMoELM):
+    """TinyMoELM whose replicas start different, as when every rank initialises its own model
+    (or one rank loads weights): in `configure_model` (before the strategy shards and wraps
+    the model) every rank but 0 re-draws its dense weights, and every rank of expert-dp rank
+    > 0 its experts too, from a seed of its own. The strategy must make the replicas equal
+    (DDP broadcasts the dense part from rank 0, `_broadcast_expert_shards` each expert shard
+    from expert-dp rank 0). Ranks 0..ep-1 keep the experts of the unchanged model and rank 0
+    its dense weights, so the single-process run of `TinyMoELM` stays the reference."""
+
+    def configure_model(self) -> None:
+        strategy = self.trainer.strategy
+        rank, groups = strategy.global_rank, strategy.moe_groups
+        gen = torch.Generator().manual_seed(1000 + rank)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                expert = name.endswith((".moe.gate_up_proj", ".moe.down_proj"))
+                if (expert and groups.expert_dp_rank > 0) or (not expert and rank > 0):
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+
+
+class DumpState(Callback):
+    """Each rank writes its parameters (its expert shards, the replicated rest) at the end of fit."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = str(root)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+        torch.save(state, Path(self.root) / f"params-rank{trainer.global_rank}.pt")
+
+
 class DenseLM(pl.LightningModule):
     """No MoE layer at all: the strategy warns and trains it as plain DDP."""
 
