@@ -95,10 +95,14 @@ def _reference_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
-def check_layers_against_hf(model, reference, batch, *, autocast: bool = False) -> dict[str, float]:
+def check_layers_against_hf(model, reference, batch, *, autocast: bool = False, groups=None) -> dict[str, float]:
     """Run `model` (converted, bf16 or under bf16 autocast) on `batch`; every MoE layer's output,
     and the gradients of a probe through it, against `reference`'s fp32 Hugging Face module on
-    the inputs the layer received. Returns the errors in units of u."""
+    the inputs the layer received. Returns the errors in units of u.
+
+    Expert parallel (`groups`, every rank calls this with its own batch): an expert shard's
+    gradient sums every rank's tokens, so the reference's full gradient is summed over the EP
+    group and this rank's rows taken."""
     calls, handles = _capture_calls(model)
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -125,7 +129,13 @@ def check_layers_against_hf(model, reference, batch, *, autocast: bool = False) 
                     pairs[f"d input {i}"] = (a.grad, e.grad)
             grads32 = _reference_grads(theirs)
             for pname, param in ours.named_parameters():
-                pairs[f"d {pname}"] = (param.grad, grads32[pname])
+                expected = grads32[pname]
+                if groups is not None and param.shape[0] != expected.shape[0]:  # an expert shard
+                    expected = expected.clone()
+                    torch.distributed.all_reduce(expected, group=groups.ep)
+                    local = param.shape[0]
+                    expected = expected[groups.ep_rank * local : (groups.ep_rank + 1) * local]
+                pairs[f"d {pname}"] = (param.grad, expected)
             for what, (a, e) in pairs.items():
                 assert_bf16_close(a, e, f"{name} {what}", reduction=args[0].numel() // args[0].shape[-1])
                 errors[f"{name} {what}"] = relative_error(a, e) / U
