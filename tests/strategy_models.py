@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_mpipemoe import ExecutorConfig, MoELayer, load_balancing_loss
+from lightning_mpipemoe import ExecutorConfig, MoELayer, TopKRouter, load_balancing_loss
 
 VOCAB = 32
 SEQ = 8
@@ -196,6 +196,43 @@ class DumpState(Callback):
         torch.save(state, Path(self.root) / f"params-rank{trainer.global_rank}.pt")
 
 
+class SkewedMoELM(TinyMoELM):
+    """TinyMoELM whose routers favour the first half of the experts (a router bias of +3 on
+    them): under EP = 2 rank 0's experts get most tokens and rank 1's few or none."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        torch.manual_seed(self.hparams.seed + 1)
+        for block in self.blocks:
+            moe = block.moe
+            router = TopKRouter(self.hparams.hidden, moe.num_experts, moe.top_k, bias=True)
+            with torch.no_grad():
+                router.gate.bias.zero_()
+                router.gate.bias[: moe.num_experts // 2] = 3.0
+            moe.router = router
+
+
+class FrozenExpertsLM(TinyMoELM):
+    """TinyMoELM with every expert weight frozen (routers, attention and the rest train)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for block in self.blocks:
+            for param in block.moe.expert_parameters():
+                param.requires_grad_(False)
+
+
+class AdamWMoELM(TinyMoELM):
+    """TinyMoELM trained with AdamW (weight decay): optimizer state beyond a momentum buffer.
+
+    eps = 1e-4: the attention's key bias has a zero gradient up to rounding (softmax ignores
+    it), and Adam with a tiny eps turns that rounding noise (1e-9, different in a sharded
+    run) into full-size steps; the real gradients here are far above 1e-4."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.02, weight_decay=0.1, eps=1e-4)
+
+
 class DenseLM(pl.LightningModule):
     """No MoE layer at all: the strategy warns and trains it as plain DDP."""
 
@@ -216,9 +253,10 @@ def loader(batch_size: int, dataset: Dataset | None = None) -> DataLoader:
     return DataLoader(dataset if dataset is not None else TokenDataset(), batch_size=batch_size, shuffle=False)
 
 
-def reference_run(hparams: Mapping, steps: int = STEPS, clip: float | None = None, dtype=torch.float32) -> dict:
+def reference_run(hparams: Mapping, steps: int = STEPS, clip: float | None = None, dtype=torch.float32,
+                  model_cls: type = None) -> dict:
     """Single-process training on the global batches: losses, gradient norms, state after each step."""
-    model = TinyMoELM(**hparams).to(dtype)
+    model = (model_cls or TinyMoELM)(**hparams).to(dtype)
     optimizer = model.configure_optimizers()
     data = TokenDataset()
     out = {"losses": [], "norms": [], "states": []}
