@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_mpipemoe import ExecutorConfig
 from lightning_mpipemoe.checkpointing import META_FILE, SECTION
 from lightning_mpipemoe.moe import tuner as tuner_module
 from lightning_mpipemoe.moe.executor import expert_parallel_forward
