@@ -212,8 +212,8 @@ class SkewedMoELM(TinyMoELM):
             moe.router = router
 
 
-class FrozenExpertsLM(TinyMoELM):
-    """TinyMoELM with every expert weight frozen (routers, attention and the rest train)."""
+class FrozenExpertsLM(SkewedMoELM):
+    """SkewedMoELM with every expert weight frozen (routers, attention and the rest train)."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

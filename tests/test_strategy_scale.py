@@ -1,7 +1,8 @@
 """MPipeMoEStrategy beyond the two-layer, four-expert model, against single-process training
 (1e-5), in one two-process launch: 4 MoE layers x 64 experts with routing skewed onto one EP
 rank's experts, gradient accumulation and the pipelined executor (n = 4, restore s4) together;
-frozen experts; and a run saved at EP = 1 with AdamW state resumed at EP = 2.
+frozen experts with skewed routing under the tuner (n = "auto"); and a run saved at EP = 1
+with AdamW state resumed at EP = 2.
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ def _big_skewed_accumulated(rank: int, root: Path) -> None:
 def _frozen_experts(rank: int, root: Path) -> None:
     reference = reference_run({}, steps=3, clip=CLIP, model_cls=FrozenExpertsLM)
     initial = FrozenExpertsLM().state_dict()
-    trainer = _trainer(root, max_steps=3, gradient_clip_val=CLIP, strategy_kwargs={"granularity": 2, "restore": "s1"})
+    # Skewed routing and the tuner choosing n (real timings; every decision agreed by both ranks).
+    trainer = _trainer(root, max_steps=3, gradient_clip_val=CLIP, strategy_kwargs={"granularity": "auto"})
     trainer.fit(FrozenExpertsLM(), loader(GLOBAL_BATCH // 2))
     assert trainer.strategy._expert_params == []  # nothing to reduce
+    assert all(v.config.num_partitions == "auto" for v in trainer.strategy.moe_executors.values())
     full = trainer.strategy.consolidated_state_dict()
     if rank == 0:
         _assert_states_close(full, reference["states"][-1], "frozen experts")
