@@ -7,7 +7,6 @@ with AdamW state resumed at EP = 2.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import lightning_mpipemoe  # noqa: F401  isort: skip
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 
 from lightning_mpipemoe.checkpointing import consolidate_checkpoint
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
@@ -33,6 +31,7 @@ from tests.strategy_models import (
     read_losses,
     reference_run,
 )
+from tests.test_strategy import _in_process_world  # one-process Lightning runs inside pytest
 from tests.test_strategy_matrix import _trainer
 
 TOL = 1e-5
@@ -94,18 +93,6 @@ def _worker(rank: int, world_size: int, root: str) -> None:
     _big_skewed_accumulated(rank, root / "big")
     _frozen_experts(rank, root / "frozen")
     _resume_at_larger_ep(rank, root / "resume", root / "ep1" / "step3.ckpt")
-
-
-@contextlib.contextmanager
-def _in_process_world():
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def test_scale_frozen_experts_and_resume_at_larger_ep(tmp_path):

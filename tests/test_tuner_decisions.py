@@ -9,15 +9,12 @@ identity Function on the input, `per_row`) and the whole decision logic run for 
 
 from __future__ import annotations
 
-import contextlib
-import os
 from datetime import timedelta
 
 import lightning_mpipemoe  # noqa: F401  isort: skip
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.distributed as dist
 
 from lightning_mpipemoe.checkpointing import META_FILE, SECTION
 from lightning_mpipemoe.moe import tuner as tuner_module
@@ -26,6 +23,7 @@ from lightning_mpipemoe.moe.load_key import load_of
 from lightning_mpipemoe.moe.tuner import LayerTuner
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
 from tests.strategy_models import GLOBAL_BATCH, SaveAt, TinyMoELM, loader
+from tests.test_strategy import _in_process_world  # one-process Lightning runs inside pytest
 from tests.test_tuner import E, fwd_bwd, make_batch, make_experts
 
 FORWARD_S = 1.0
@@ -121,18 +119,6 @@ class TunedMoELM(TinyMoELM):
     @property
     def tuners(self) -> list[Recording]:
         return [block.moe.tuner for block in self.blocks]
-
-
-@contextlib.contextmanager
-def _in_process_world():
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def _fit(model, root, max_steps, callbacks=(), ckpt_path=None) -> None:
