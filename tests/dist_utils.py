@@ -1,34 +1,49 @@
-"""Spawn-based gloo workers for distributed tests (one thread each).
+"""Spawn-based gloo workers for distributed tests (one thread each), and rendezvous that
+cannot race.
 
 Worker functions must be defined at module level in a test module (spawn pickles them by
 name). Each worker gets `(rank, world_size, *args)` with the default gloo group initialised;
 an exception in any worker fails the test with that worker's traceback.
+
+Ports. Picking a "free" port (bind to 0, read it, close) and handing it to a child races:
+anything on the machine may take the port before the child binds it (EADDRINUSE was seen
+once). So no test picks a port for a child to bind:
+
+- `run_distributed` rendezvous through a `file://` init method (a `FileStore` in a fresh
+  temporary directory): no port at all.
+- Launches that need `MASTER_ADDR`/`MASTER_PORT` (Lightning's subprocess launcher, torchrun)
+  get them from `agent_store()`: the test process itself hosts a `TCPStore` bound to port 0
+  (the OS assigns a port that is bound from then on, so nothing can take it) and reads the
+  port back; every rank connects to it as a client (`TORCHELASTIC_USE_AGENT_STORE=True`,
+  torch's own switch for "the launcher hosts the store", which torchrun's agent uses), so no
+  child ever binds a port.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-import socket
+import shutil
+import tempfile
 import traceback
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, timeout_s: float, fn, args, errors) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+def _worker(rank: int, world_size: int, init_method: str, timeout_s: float, fn, args, errors) -> None:
+    os.environ.update(OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+            "gloo",
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
         fn(rank, world_size, *args)
     except BaseException:  # reported to the parent, which fails the test
@@ -43,10 +58,11 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 60.0) -> None
     """Run `fn(rank, world_size, *args)` on `world_size` spawned gloo processes."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
+    rendezvous = tempfile.mkdtemp(prefix="mpipemoe-rdzv-")
     try:
         mp.start_processes(
             _worker,
-            args=(world_size, free_port(), timeout_s, fn, args, errors),
+            args=(world_size, f"file://{rendezvous}/store", timeout_s, fn, args, errors),
             nprocs=world_size,
             start_method="spawn",
         )
@@ -56,3 +72,23 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 60.0) -> None
             rank, tb = errors.get()
             details.append(f"--- rank {rank} ---\n{tb}")
         raise AssertionError("distributed worker failed:\n" + "\n".join(details)) from exc
+    finally:
+        shutil.rmtree(rendezvous, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def agent_store(timeout_s: float = 300.0) -> Iterator[dict[str, str]]:
+    """A rendezvous store hosted by this process on an OS-assigned port, for launched children.
+
+    Yields the environment variables the children need: `MASTER_ADDR`, `MASTER_PORT` (the
+    store's port, bound for as long as the context is open) and
+    `TORCHELASTIC_USE_AGENT_STORE=True` (every rank connects as a client; rank 0 does not
+    try to bind the port). One store serves one process group: use one context per launch.
+    """
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    try:
+        yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    finally:
+        del store

@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_mpipemoe import ExecutorConfig, MoELayer, load_balancing_loss
+from lightning_mpipemoe import ExecutorConfig, MoELayer, TopKRouter, load_balancing_loss
 
 VOCAB = 32
 SEQ = 8
@@ -165,6 +165,74 @@ class TinyMoELM(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
+class ReplicasStartApart(TinyMoELM):
+    """TinyMoELM whose replicas start different, as when every rank initialises its own model
+    (or one rank loads weights): in `configure_model` (before the strategy shards and wraps
+    the model) every rank but 0 re-draws its dense weights, and every rank of expert-dp rank
+    > 0 its experts too, from a seed of its own. The strategy must make the replicas equal
+    (DDP broadcasts the dense part from rank 0, `_broadcast_expert_shards` each expert shard
+    from expert-dp rank 0). Ranks 0..ep-1 keep the experts of the unchanged model and rank 0
+    its dense weights, so the single-process run of `TinyMoELM` stays the reference."""
+
+    def configure_model(self) -> None:
+        strategy = self.trainer.strategy
+        rank, groups = strategy.global_rank, strategy.moe_groups
+        gen = torch.Generator().manual_seed(1000 + rank)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                expert = name.endswith((".moe.gate_up_proj", ".moe.down_proj"))
+                if (expert and groups.expert_dp_rank > 0) or (not expert and rank > 0):
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+
+
+class DumpState(Callback):
+    """Each rank writes its parameters (its expert shards, the replicated rest) at the end of fit."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = str(root)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        state = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+        torch.save(state, Path(self.root) / f"params-rank{trainer.global_rank}.pt")
+
+
+class SkewedMoELM(TinyMoELM):
+    """TinyMoELM whose routers favour the first half of the experts (a router bias of +3 on
+    them): under EP = 2 rank 0's experts get most tokens and rank 1's few or none."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        torch.manual_seed(self.hparams.seed + 1)
+        for block in self.blocks:
+            moe = block.moe
+            router = TopKRouter(self.hparams.hidden, moe.num_experts, moe.top_k, bias=True)
+            with torch.no_grad():
+                router.gate.bias.zero_()
+                router.gate.bias[: moe.num_experts // 2] = 3.0
+            moe.router = router
+
+
+class FrozenExpertsLM(SkewedMoELM):
+    """SkewedMoELM with every expert weight frozen (routers, attention and the rest train)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for block in self.blocks:
+            for param in block.moe.expert_parameters():
+                param.requires_grad_(False)
+
+
+class AdamWMoELM(TinyMoELM):
+    """TinyMoELM trained with AdamW (weight decay): optimizer state beyond a momentum buffer.
+
+    eps = 1e-4: the attention's key bias has a zero gradient up to rounding (softmax ignores
+    it), and Adam with a tiny eps turns that rounding noise (1e-9, different in a sharded
+    run) into full-size steps; the real gradients here are far above 1e-4."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.02, weight_decay=0.1, eps=1e-4)
+
+
 class DenseLM(pl.LightningModule):
     """No MoE layer at all: the strategy warns and trains it as plain DDP."""
 
@@ -185,9 +253,10 @@ def loader(batch_size: int, dataset: Dataset | None = None) -> DataLoader:
     return DataLoader(dataset if dataset is not None else TokenDataset(), batch_size=batch_size, shuffle=False)
 
 
-def reference_run(hparams: Mapping, steps: int = STEPS, clip: float | None = None, dtype=torch.float32) -> dict:
+def reference_run(hparams: Mapping, steps: int = STEPS, clip: float | None = None, dtype=torch.float32,
+                  model_cls: type = None) -> dict:
     """Single-process training on the global batches: losses, gradient norms, state after each step."""
-    model = TinyMoELM(**hparams).to(dtype)
+    model = (model_cls or TinyMoELM)(**hparams).to(dtype)
     optimizer = model.configure_optimizers()
     data = TokenDataset()
     out = {"losses": [], "norms": [], "states": []}

@@ -18,7 +18,6 @@ MIB = 2**20
 
 @pytest.fixture
 def report():
-    pytest.importorskip("matplotlib")
     sys.path.insert(0, str(BENCH))
     try:
         yield importlib.import_module("report")

@@ -270,6 +270,24 @@ def _ep_equivalence_worker(rank: int, world_size: int) -> None:
         expert_parallel_forward(hidden_TH, bad, weights_TK, ExpertWeights(**local), ep_group=groups.ep)
     out_TH = expert_parallel_forward(hidden_TH, index_TK, weights_TK, ExpertWeights(**local), ep_group=groups.ep)
     assert out_TH.shape == hidden_TH.shape
+    # Capacity drops with top-2 at EP > 1: each rank drops its own overflow (per group of 6 of
+    # its tokens, first choices before second ones), plain and pipelined; rank 2 has no token.
+    full = make_weights(num_experts, False, False, seed=9)
+    counts = [12, 6, 0, 18][:world_size]  # whole groups (sequences) of 6
+    per_rank = [make_tokens(c, num_experts, 2, seed=50 + r, route="random") for r, c in enumerate(counts)]
+    keeps = [keep_mask_reference(t[1], num_experts, capacity=1, group_size=6) for t in per_rank]
+    assert not torch.cat(keeps).all() and torch.cat(keeps).any()
+    every = [torch.cat([t[i] for t in per_rank]) for i in range(3)]
+    out, g_hidden, g_weights, g_params = run_reference(*every, full, False, F.relu, keep_TK=torch.cat(keeps))
+    lo, hi = sum(counts[:rank]), sum(counts[: rank + 1])
+    local = num_experts // world_size
+    expected = (out[lo:hi], g_hidden[lo:hi], g_weights[lo:hi],
+                {k: g[rank * local : (rank + 1) * local] for k, g in g_params.items()})
+    for n, restore in ((1, "none"), (2, "s2")):
+        actual = run_executor(*per_rank[rank], full, False, F.relu, ep_rank=rank, ep_size=world_size, group=groups.ep,
+                              combine_group=groups.ep_combine, first_row=lo, capacity=1, capacity_group_size=6,
+                              config=ExecutorConfig(n, restore))
+        compare(actual, expected, f"EP={world_size} top-2 capacity n={n} rank {rank}")
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -336,26 +336,21 @@ def _memory_and_overlap_worker(rank: int, world: int) -> None:
         held[restore] = measured.device_held_bytes
     assert held["s4"] <= 0.5 * held["none"], held
 
-    # Overlap: with a 50 ms link and 50 ms of (sleeping) compute per partition, n = 4 run
-    # one after another would take 4 x (dispatch + compute + combine) = 0.6 s; the pipeline
-    # needs about dispatch + 4 x compute + combine = 0.3 s.
+    # Overlap, by the schedule's events (no wall clock: a loaded machine cannot fail it): with
+    # a 50 ms link and 50 ms of (sleeping) compute per partition, partition i + 1's dispatch is
+    # issued before partition i computes, and partition i's combine is issued before partition
+    # i + 1 computes and completes after it: communication runs under computation.
     step = 0.05
     link = SimulatedLink(latency_s=step, bandwidth_bytes_per_s=math.inf)
     hidden_TH, gate_HE, index_TK, params = _balanced_layer(16, 4, 1, 8, 4, rank, world)
     experts = ExpertWeights(**params, gate_fn=_SleepyGate(step))
     weights_TK = torch.ones(16, 1)
     record = PipelineRecord.tracing()
-    for _ in range(2):  # the first call warms gloo up
-        torch.distributed.barrier()
-        start = time.perf_counter()
+    for _ in range(2):  # the second call's events are checked (the first one warms gloo up)
         with torch.no_grad():
             pipelined_expert_parallel_forward(
                 hidden_TH, index_TK, weights_TK, experts, config=ExecutorConfig(4, "s4", link=link), record=record, **kw
             )
-        elapsed = time.perf_counter() - start
-    serial = 4 * 3 * step
-    assert elapsed >= 6 * step * 0.95, f"the link did not delay: {elapsed:.3f} s"
-    assert elapsed <= 0.75 * serial, f"no overlap: {elapsed:.3f} s vs {serial:.3f} s run one after another"
     order = [(what, i) for what, i, _ in record.trace[len(record.trace) // 2 :]]
     for i in range(3):
         assert order.index(("dispatch_issue", i + 1)) < order.index(("compute_start", i))

@@ -35,6 +35,7 @@ from lightning_mpipemoe.recipes.finetune import CONFIG_DIR, prepare
 from lightning_mpipemoe.recipes.module import heldout_loss_sums
 from lightning_mpipemoe.recipes.tiny_checkpoint import SPEC_FILE, TinySpec, ensure_tiny_checkpoint
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
+from tests.dist_utils import agent_store
 
 GROUPS = ("model", "data", "trainer", "strategy", "optim", "peft", "experiment")
 FINETUNE = [sys.executable, "-m", "lightning_mpipemoe.recipes.finetune"]
@@ -54,12 +55,12 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in Path(CONFIG_DIR).joinpath(group).glob("*.yaml"))
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", **extra}
 
 
-def _run(args: list[str], cwd: Path, timeout: float = 600, command=FINETUNE) -> subprocess.CompletedProcess:
-    return subprocess.run(command + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str], cwd: Path, timeout: float = 600, command=FINETUNE, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command + args, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +112,6 @@ def test_every_config_composes_and_instantiates(group, cache, tmp_path, seed_env
             cfg = compose("finetune", overrides=overrides)
         if cfg.model.get("tiny") is not None:
             TinySpec(**cfg.model.tiny)
-        if cfg.data.format != "text" and not _has_datasets():
-            # jsonl / parquet are read through `datasets` (an optional extra): the data module
-            # builds, its check says what to install, and the rest is built with a text file.
-            data = instantiate(cfg.data, tokenizer=str(tiny), task="causal_lm")
-            with pytest.raises(ImportError, match=re.escape("lightning-mpipemoe[data]")):
-                data.check()
-            with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-                cfg = compose("finetune", overrides=[*overrides, "data.format=text"])
         prepared = prepare(cfg)  # model module, data, strategy, trainer, loggers, callbacks
         assert isinstance(prepared.trainer.strategy, MPipeMoEStrategy), option
         assert isinstance(prepared.module, pl.LightningModule) and prepared.module.model is None, option
@@ -162,10 +155,15 @@ def test_default_recipe_end_to_end(cache, tmp_path):
     """The default recipe (tiny Mixtral, shipped corpus, 2 CPU processes, EP = 2) with a small
     step limit: held-out loss goes down, and export, checkpoint, logs and evaluation agree."""
     run_dir = tmp_path / "run"
-    result = _run(
-        [f"paths.cache={cache}", f"hydra.run.dir={run_dir}", "trainer.max_steps=16", "trainer.val_check_interval=8"],
-        cwd=tmp_path, command=SCRIPT,
-    )  # fmt: skip
+    # Lightning's subprocess launcher needs MASTER_PORT: the rendezvous store is hosted here, on
+    # a port the OS assigned and that stays bound (no free-port race; tests/dist_utils.py).
+    with agent_store() as rendezvous:
+        result = _run(
+            [f"paths.cache={cache}", f"hydra.run.dir={run_dir}", "trainer.max_steps=16", "trainer.val_check_interval=8"],
+            cwd=tmp_path,
+            command=SCRIPT,
+            **rendezvous,
+        )
     assert result.returncode == 0, result.stderr[-4000:]
     # One line of rank layout per run (validate, fit and validate each set the strategy up).
     layout = "MPipeMoEStrategy: 2 ranks = expert_parallel_size 2 x data_parallel 1"
@@ -369,17 +367,8 @@ def test_heldout_loss_ignores_padding_blocks():
     assert int(sums[1]) == 2 * 4 and torch.allclose(sums[0], expected.double())
 
 
-def _has_datasets() -> bool:
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def test_jsonl_without_datasets_says_how_to_install(tmp_path):
-    if _has_datasets():
-        pytest.skip("datasets is installed")
+def test_jsonl_without_datasets_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: `import datasets` raises
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "hello"}\n')
     with pytest.raises(ImportError, match=re.escape("lightning-mpipemoe[data]")):
@@ -397,9 +386,8 @@ def test_tensorboard_logger_only_when_installed(tmp_path):
 
 
 def test_jsonl_and_parquet_give_the_same_documents_as_text(tmp_path):
-    """Runs where the optional `datasets` extra is installed (pip install 'lightning-mpipemoe[data]')."""
-    pytest.importorskip("datasets")
-    pa = pytest.importorskip("pyarrow")
+    """`datasets` (and its pyarrow) are in the `test` extra: this runs everywhere the tests do."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from lightning_mpipemoe.recipes.data import shipped_corpus_path

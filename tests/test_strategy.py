@@ -45,8 +45,10 @@ from tests.strategy_models import (
     GLOBAL_BATCH,
     HPARAMS,
     STEPS,
+    DumpState,
     KillDuringSave,
     LossRecorder,
+    ReplicasStartApart,
     SaveAt,
     TinyMoELM,
     loader,
@@ -339,12 +341,25 @@ def test_ep2_matches_single_process(ep2_run, reference):
 
 
 def test_ep2_dp2_matches_single_process(tmp_path, reference):
-    """4 processes: EP = 2 x DP = 2 (experts reduced over the expert-dp group, / world)."""
+    """4 processes: EP = 2 x DP = 2 (experts reduced over the expert-dp group, / world). The
+    ranks start from different weights (`ReplicasStartApart`: ranks 2, 3 draw their own experts,
+    ranks 1..3 their own dense weights): the strategy makes the replicas equal before training,
+    and every rank ends with exactly the reference's weights (its expert shard and the rest)."""
     saves = SaveAt({STEPS: tmp_path / "final.ckpt"})
-    trainer = _trainer(4, _ep2_strategy(), tmp_path, callbacks=[LossRecorder(tmp_path / "losses.jsonl"), saves])
-    trainer.fit(TinyMoELM(**HPARAMS), loader(GLOBAL_BATCH // 4))
+    callbacks = [LossRecorder(tmp_path / "losses.jsonl"), saves, DumpState(tmp_path)]
+    trainer = _trainer(4, _ep2_strategy(), tmp_path, callbacks=callbacks)
+    trainer.fit(ReplicasStartApart(**HPARAMS), loader(GLOBAL_BATCH // 4))
     _assert_losses_close(read_losses(tmp_path / "losses.jsonl"), reference["losses"], range(1, STEPS + 1))
     _assert_state_close(consolidate_checkpoint(tmp_path / "final.ckpt"), reference["states"][-1], "final")
+    final = reference["states"][-1]
+    for rank in range(4):
+        params = torch.load(tmp_path / f"params-rank{rank}.pt", weights_only=True)
+        ep_rank = rank % 2
+        for key, value in params.items():
+            expected = final[key]
+            if key.endswith((".moe.gate_up_proj", ".moe.down_proj")):
+                expected = expected[ep_rank * 2 : (ep_rank + 1) * 2]
+            torch.testing.assert_close(value, expected, atol=TOL, rtol=0, msg=lambda m: f"rank {rank} {key}: {m}")
 
 
 def test_resume_is_exact_and_a_killed_save_keeps_the_previous_checkpoint(ep2_run, reference, tmp_path):

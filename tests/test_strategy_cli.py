@@ -1,7 +1,11 @@
 """`Trainer(strategy="mpipemoe")` from the command line: a plain script with `devices=2`
 (Lightning's subprocess launcher starts the second process), and two torchrun launches
 forming a two-node run on one machine (`--nnodes 2`, loopback rendezvous). Both train the
-same global batches as one process and must give its losses and final weights (1e-5)."""
+same global batches as one process and must give its losses and final weights (1e-5).
+
+No port is picked for a child to bind (that races): the test process hosts the rendezvous
+store on an OS-assigned port (`tests.dist_utils.agent_store`); the script's ranks, and the
+two torchrun agents (c10d rendezvous on that store, as clients), connect to it."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import pytest
 import torch
 
 from lightning_mpipemoe.checkpointing import consolidate_checkpoint
-from tests.dist_utils import free_port
+from tests.dist_utils import agent_store
 from tests.strategy_models import CLIP, HPARAMS, STEPS, read_losses, reference_run
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny_lm.py"
@@ -29,10 +33,11 @@ def reference():
     return reference_run(HPARAMS, clip=CLIP)
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
     launcher_vars = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
     return env
 
 
@@ -48,30 +53,35 @@ def _check_run(out: Path, reference: dict) -> None:
 
 def test_plain_script_with_two_devices(tmp_path, reference):
     cmd = [sys.executable, str(SCRIPT), "--devices", "2", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    with agent_store() as rendezvous:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(**rendezvous), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _check_run(tmp_path, reference)
 
 
 def test_two_node_torchrun_on_one_machine(tmp_path, reference):
-    port = str(free_port())
     procs = []
-    for node_rank in (0, 1):
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-            "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", port, "--max-restarts", "0",
-            str(SCRIPT), "--devices", "2", "--num-nodes", "2", "--out", str(tmp_path),
-        ]  # fmt: skip
-        log = open(tmp_path / f"node{node_rank}.log", "w")
-        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT), log))
-    try:
-        for proc, _ in procs:
-            proc.wait(timeout=TIMEOUT_S)
-    finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
+    with agent_store() as rendezvous:
+        # c10d rendezvous on the test's store (both agents clients: is_host=false); the agent
+        # that becomes node 0 hosts the workers' store on a port the OS assigns it.
+        endpoint = f"{rendezvous['MASTER_ADDR']}:{rendezvous['MASTER_PORT']}"
+        for node_rank in (0, 1):
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
+                "--rdzv-conf", "is_host=false", "--local-addr", "127.0.0.1", "--max-restarts", "0",
+                str(SCRIPT), "--devices", "2", "--num-nodes", "2", "--out", str(tmp_path),
+            ]  # fmt: skip
+            log = open(tmp_path / f"node{node_rank}.log", "w")
+            procs.append((subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT), log))
+        try:
+            for proc, _ in procs:
+                proc.wait(timeout=TIMEOUT_S)
+        finally:
+            for proc, log in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                log.close()
     logs = "\n".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1))
     assert [proc.returncode for proc, _ in procs] == [0, 0], logs
     _check_run(tmp_path, reference)

@@ -439,11 +439,17 @@ def _ep2_worker(rank: int, world: int, tmp: str) -> None:
     tokens = (61, 23)[rank]  # different token counts per rank: the key must still agree
 
     # The key: the busiest rank's rows, identical on both ranks; capacity drops counted.
+    # Hand-built uneven routing: rank 0's 61 tokens all go to experts 4 and 5 (rank 1's), rank
+    # 1's 23 tokens to experts 0 and 6. Sent: 122, 46; received: rank 0 23, rank 1 122 + 23.
+    index_TK = torch.tensor([[4, 5], [0, 6]][rank]).expand(tokens, K)
+    assert agree_load(index_TK, 2 * E, groups.ep) == (145, 61)  # max over ranks, not a sum (168)
+    # Capacity 3 per expert: rank 0 keeps 3 + 3 (to rank 1), rank 1 keeps 3 (to rank 0) + 3.
+    assert agree_load(index_TK, 2 * E, groups.ep, capacity=3) == (9, 61)
     batch = make_batch(tokens, 2 * E, seed=rank)
     key, most_tokens = agree_load(batch[1], 2 * E, groups.ep)
-    assert _gather((key, most_tokens)) == [(key, most_tokens)] * 2 and most_tokens == 61
-    sent = torch.tensor([61 * K, 23 * K])
-    assert key >= int(sent.max())
+    counts_E = torch.bincount(torch.cat(_gather(batch[1])).reshape(-1), minlength=2 * E)
+    received, sent = counts_E.view(2, E).sum(1), torch.tensor([61 * K, 23 * K])
+    assert (key, most_tokens) == (int(torch.maximum(received, sent).max()), 61)
     assert int(kept_counts(batch[1], 2 * E, capacity=1, capacity_group_size=None).max()) <= 1
 
     # 1. Real timings: every call agrees, outputs match the reference while tuning.
