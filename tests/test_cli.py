@@ -38,10 +38,12 @@ def _compose(*overrides: str, config: str = "finetune"):
 def test_console_scripts_match_the_error_prefixes():
     installed = entry_points(group="console_scripts")
     scripts = {ep.name: ep.value for ep in installed if ep.name.startswith("mpipemoe-")}
-    assert scripts == {name: f"lightning_mpipemoe_cli:{func}" for name, func in SCRIPTS.items()}
-    from lightning_mpipemoe.recipes import convert, evaluate, finetune
+    # The planner builds the model with transformers anyway: it needs no fast front.
+    expected = {name: f"lightning_mpipemoe_cli:{func}" for name, func in SCRIPTS.items()}
+    assert scripts == {**expected, "mpipemoe-plan": "lightning_mpipemoe.recipes.plan:main"}
+    from lightning_mpipemoe.recipes import convert, evaluate, finetune, plan
 
-    assert {finetune.PROG, convert.PROG, evaluate.PROG} == set(SCRIPTS)
+    assert {finetune.PROG, convert.PROG, evaluate.PROG} == set(SCRIPTS) and plan.PROG == "mpipemoe-plan"
     # `python -m lightning_mpipemoe.recipes.<name>` runs the same front.
     assert finetune.main is cli.finetune and convert.main is cli.convert and evaluate.main is cli.evaluate
     bin_dir = Path(sys.executable).parent
