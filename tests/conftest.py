@@ -16,3 +16,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test starts from the environment the session started with. Lightning's in-process
+    spawn launches (`mpipemoe_spawn` trainers in tests) write `MASTER_PORT` & co. into this
+    process's environment; a later test that launches a command would hand its children a port
+    of a finished run (seen: a multirun whose jobs all reused one leaked port)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
