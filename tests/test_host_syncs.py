@@ -181,11 +181,8 @@ def _report(what: str, forward: HostSyncCounter, backward: HostSyncCounter) -> s
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("n", [1, 4])
-@pytest.mark.parametrize("restore", ["none", "s1", "s4"])
+@pytest.mark.parametrize("n, restore", [(1, "none"), (4, "none"), (4, "s1"), (4, "s4")])  # reuse needs n > 1
 def test_fixed_config_syncs_at_most_once_in_forward(n, restore):
-    if n == 1 and restore != "none":
-        pytest.skip("n = 1 with reuse is covered by n = 4")
     forward, backward = count_call(ExecutorConfig(num_partitions=n, restore=restore), None)
     report = _report(f"E={E} top-{K} n={n} {restore}", forward, backward)
     print(report)
