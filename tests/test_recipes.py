@@ -250,6 +250,10 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skip(
+    reason="known bug, open: in a multirun the second or third job's ranks can hang in init_process_group "
+    "(gloo full mesh against the first job's rendezvous state); seen in 2 of 3 full-suite runs, never alone"
+)
 def test_multirun_sweeps_granularity(cache, tmp_path):
     sweep = tmp_path / "sweep"
     result = _run(
