@@ -92,3 +92,16 @@ def agent_store(timeout_s: float = 300.0) -> Iterator[dict[str, str]]:
         yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
     finally:
         del store
+
+
+@contextlib.contextmanager
+def in_process_world() -> Iterator[None]:
+    """A one-process Lightning run inside pytest: restore the environment and the default group."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)

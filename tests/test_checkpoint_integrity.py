@@ -8,10 +8,8 @@ damages a copy of it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
 import shutil
 from datetime import timedelta
@@ -21,7 +19,6 @@ import lightning_mpipemoe  # noqa: F401  isort: skip
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.distributed as dist
 
 from lightning_mpipemoe.checkpointing import (
     INTEGRITY_SUFFIX,
@@ -55,16 +52,7 @@ class Payload:
         return (_mark, ("the checkpoint's code ran",))
 
 
-@contextlib.contextmanager
-def _in_process_world():
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
+from tests.dist_utils import in_process_world as _in_process_world  # noqa: E402
 
 
 def _trainer(root: Path, max_steps: int, callbacks=()) -> pl.Trainer:

@@ -11,8 +11,6 @@ clipping norm show; Adam would hide a uniform scale.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,7 +18,6 @@ import lightning_mpipemoe  # noqa: F401  isort: skip
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import StrategyRegistry
@@ -389,17 +386,7 @@ def test_resume_is_exact_and_a_killed_save_keeps_the_previous_checkpoint(ep2_run
     _assert_state_close(consolidate_checkpoint(latest), reference["states"][3], "latest after the kill")
 
 
-@contextlib.contextmanager
-def _in_process_world():
-    """A one-process Lightning run inside pytest: restore the environment and the default group."""
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.clear()
-        os.environ.update(saved)
+from tests.dist_utils import in_process_world as _in_process_world  # noqa: E402
 
 
 def test_checkpoint_saved_at_ep2_resumes_at_ep1(ep2_run, reference, tmp_path):
