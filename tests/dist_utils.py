@@ -46,12 +46,17 @@ def _worker(rank: int, world_size: int, init_method: str, timeout_s: float, fn, 
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         fn(rank, world_size, *args)
+        # Every rank finishes its collectives before any rank tears the group down: a rank
+        # that destroys its gloo context while a peer still talks to it can leave that peer
+        # blocked in `destroy_process_group` (seen under torch 2.7). The barrier is bounded
+        # by the group's timeout.
+        dist.barrier()
+        dist.destroy_process_group()
     except BaseException:  # reported to the parent, which fails the test
+        # No teardown here: peers may be waiting in a collective that this rank will never
+        # join, and a destroy could wait on them. The process exits; the parent stops the rest.
         errors.put((rank, traceback.format_exc()))
         raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run_distributed(fn, world_size: int, *args, timeout_s: float = 60.0) -> None:
