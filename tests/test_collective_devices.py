@@ -1,5 +1,5 @@
-"""Every collective of the executor, the tuner, the metrics and the strategy's set-up runs on
-a tensor of the device its group serves.
+"""Every collective of the executor, the tuner, the metrics, the gradient sync, the
+checkpointing and the strategy's set-up runs on a tensor of the device its group serves.
 
 With NCCL a CPU tensor on a CUDA-only group raises at the first call of a real run, a bug
 class a gloo run cannot show. `collectives.py` checks each call against the device types its
@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from lightning_mpipemoe import ExecutorConfig, ExpertWeights, build_process_groups, collectives
+from lightning_mpipemoe.checkpointing import checkpoint_barrier, gather_full_state_dict
 from lightning_mpipemoe.discovery import ExecutorView
+from lightning_mpipemoe.grad_sync import ExpertGradReducer, global_grad_norm
 from lightning_mpipemoe.moe.executor import RoutingStats, expert_parallel_forward
 from lightning_mpipemoe.moe.tuner import LayerTuner
 from lightning_mpipemoe.moe_metrics import moe_step_metrics
@@ -33,6 +35,8 @@ EXPECTED_SITES = {
     "executor.dispatch", "executor.combine",  # the pipeline's
     "tuner.setup", "tuner.load_exchange",
     "metrics.reduce",
+    "grad_sync.expert_bucket", "grad_sync.norm",  # bucketed expert-gradient reduction, global norm
+    "checkpointing.gather_full_state_dict", "checkpoint.test_barrier",
     "strategy.expert_shards", "strategy.warm_up.ep", "strategy.warm_up.ep_combine", "strategy.warm_up.dp",
 }
 
@@ -58,8 +62,17 @@ class _StrategyStub:
         self.moe_groups, self._expert_keys = groups, keys
 
 
+class _Experts(torch.nn.Module):
+    def __init__(self, experts: ExpertWeights) -> None:
+        super().__init__()
+        self.w_in = torch.nn.Parameter(experts.w_in_EOH.detach().clone())
+        self.w_out = torch.nn.Parameter(experts.w_out_EHI.detach().clone())
+
+
 def _one_step(rank: int, world: int, groups) -> None:
-    """Executor (n = 1 and n = 2, s2), a tuned call, metrics, strategy set-up."""
+    """Executor (n = 1 and n = 2, s2), a tuned call, metrics, gradient sync (bucketed
+    reduction during backward, global norm), checkpointing (live gather, barrier), strategy
+    set-up."""
     kw = dict(ep_group=groups.ep, combine_group=groups.ep_combine)
     stats = RoutingStats()
     for config in (ExecutorConfig(num_partitions=1, restore="none"), ExecutorConfig(num_partitions=2, restore="s2")):
@@ -75,6 +88,22 @@ def _one_step(rank: int, world: int, groups) -> None:
     view = ExecutorView(ExecutorConfig(1, "none"), stats, None, E)
     metrics = moe_step_metrics({"layer": view}, aux_loss=torch.tensor(0.5), group=groups.dp, world_size=world)
     assert metrics["moe/layer/tokens_max"] > 0
+    # Gradient sync as the strategy runs it: hooks reduce buckets over expert_dp during backward.
+    hidden_TH, index_TK, weights_TK, experts = _layer(rank, world, seed=5)
+    shards = _Experts(experts)
+    reducer = ExpertGradReducer(list(shards.parameters()), groups, bucket_bytes=1)
+    reducer.attach()
+    reducer.start(sync=True)
+    out_TH = expert_parallel_forward(hidden_TH, index_TK, weights_TK, ExpertWeights(shards.w_in, shards.w_out),
+                                     config=ExecutorConfig(1, "none"), **kw)  # fmt: skip
+    out_TH.square().sum().backward()
+    reducer.finish()
+    reducer.detach()
+    assert global_grad_norm(list(shards.parameters()), list(shards.parameters()), groups) > 0
+    # Checkpointing: the live gather of every expert over EP, the checkpoint barrier.
+    full = gather_full_state_dict(shards, {"w_in": 0, "w_out": 0}, groups)
+    assert (full is not None) == (groups.ep_rank == 0)
+    checkpoint_barrier(groups.dp, "checkpoint.test_barrier")
     warm_up_groups(groups, torch.device("cpu"))
     module = torch.nn.Linear(2, 2)
     MPipeMoEStrategy._broadcast_expert_shards(_StrategyStub(groups, {"weight": 1}), module)
