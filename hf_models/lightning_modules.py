@@ -23,21 +23,23 @@ from .registry import routing_stats
 __all__ = ["MoECausalLMModule", "MoEFineTuneModule", "MoESeq2SeqModule", "routing_metrics"]
 
 
-def routing_metrics(model: nn.Module) -> dict[str, float]:
-    """Summary of the routing since the stats were last reset (this rank's tokens)."""
+def routing_metrics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Summary of the routing since the stats were last reset (this rank's tokens).
+
+    0-dim tensors on the counts' device: nothing here waits for the device (Lightning converts
+    logged tensors when a logger writes them, every `log_every_n_steps`)."""
     stats = [s for s in routing_stats(model).values() if s.tokens_per_expert_E is not None]
     if not stats:
         return {}
-    sent = sum(int(s.tokens_per_expert_E.sum()) for s in stats)
-    dropped = sum(s.dropped for s in stats)
-    imbalance = [
-        float(s.tokens_per_expert_E.max()) / max(float(s.tokens_per_expert_E.float().mean()), 1e-9) for s in stats
-    ]
-    used = [float((s.tokens_per_expert_E > 0).float().mean()) for s in stats]
+    counts = [s.tokens_per_expert_E.float() for s in stats]
+    dropped = float(sum(s.dropped for s in stats))  # a host count already (the dispatch plans')
+    sent = torch.stack([c.sum() for c in counts]).sum()
+    imbalance = torch.stack([c.max() / c.mean().clamp_min(1e-9) for c in counts])
+    used = torch.stack([(c > 0).float().mean() for c in counts])
     return {
-        "moe/dropped_fraction": dropped / max(sent + dropped, 1),
-        "moe/load_imbalance": sum(imbalance) / len(imbalance),
-        "moe/experts_used": sum(used) / len(used),
+        "moe/dropped_fraction": dropped / (sent + dropped).clamp_min(1.0),
+        "moe/load_imbalance": imbalance.mean(),
+        "moe/experts_used": used.mean(),
     }
 
 

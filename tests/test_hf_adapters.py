@@ -32,6 +32,7 @@ from lightning_mpipemoe.hf_models.api import (
     to_hf_state_dict,
 )
 from lightning_mpipemoe.hf_models import checkpoint_io
+from lightning_mpipemoe.hf_models.lightning_modules import routing_metrics
 from lightning_mpipemoe.hf_models.experts_interface import BINDING_ATTR
 from tests.hf_tiny import FAMILIES, check_against_hf, comparable_outputs, is_seq2seq, tiny_batch, tiny_model
 
@@ -381,3 +382,11 @@ def test_lightning_modules(family, tmp_path):
     if is_seq2seq(family):
         assert metrics["train/moe/dropped_fraction"] > 0
     assert routing_stats(model)
+    # The summary of the last step's routing, against the same figures computed by hand.
+    counts = [s.tokens_per_expert_E.tolist() for s in routing_stats(model).values() if s.tokens_per_expert_E is not None]
+    dropped = sum(s.dropped for s in routing_stats(model).values())
+    summary = {k: v.item() for k, v in routing_metrics(model).items()}
+    assert summary["moe/load_imbalance"] == pytest.approx(sum(max(c) * len(c) / sum(c) for c in counts) / len(counts))
+    assert summary["moe/experts_used"] == pytest.approx(sum(sum(x > 0 for x in c) / len(c) for c in counts) / len(counts))
+    sent = sum(sum(c) for c in counts)
+    assert summary["moe/dropped_fraction"] == pytest.approx(dropped / (sent + dropped))
