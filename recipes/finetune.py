@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
@@ -264,6 +265,27 @@ def _other_ranks_expert_params(strategy, module) -> int:
     return sum(named[k].numel() * (ep - 1) for k in strategy.expert_parameter_names if k in named)
 
 
+def _multirun_job_port(saved_env: dict[str, str | None]) -> None:
+    """Give this job of a multirun its own rendezvous port when the user fixed one.
+
+    A multirun runs its jobs one after another in this process. Jobs that rendezvous on one
+    port meet the rendezvous state of the job before (seen: every rank of the second job waiting
+    in `init_process_group` until the timeout). Without `MASTER_PORT` Lightning picks a free port
+    per job; with it, job k uses `MASTER_PORT + k`, which every node of a multi-node sweep
+    computes alike.
+    """
+    base = saved_env.get("MASTER_PORT")
+    if base is None or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    job = HydraConfig.get().job.num
+    if not base.isdigit() or not 0 < int(base) + job <= 65535:
+        raise RecipeError(
+            f"MASTER_PORT={base}: job {job} of a multirun rendezvous on MASTER_PORT + {job}, which must be a "
+            "port number (1..65535)"
+        )
+    os.environ["MASTER_PORT"] = str(int(base) + job)
+
+
 def _finish_job(trainer: pl.Trainer | None, saved_env: dict[str, str | None], failed: bool) -> None:
     """Leave the launching process as it was: children waited for (killed after a failure here:
     they would wait in a collective), process groups destroyed and the launcher's environment
@@ -296,6 +318,8 @@ def run(cfg: DictConfig) -> dict | None:
     launching = _is_launching_process()
     saved_env = {key: os.environ.get(key) for key in _LAUNCH_ENV}
     try:
+        if launching and HydraConfig.initialized():
+            _multirun_job_port(saved_env)
         prepared = prepare(cfg)
     except (RecipeError, InstantiationException, OmegaConfBaseException, ValueError, TypeError, OSError,
             ImportError, KeyError) as exc:  # fmt: skip

@@ -24,14 +24,15 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
 from lightning_mpipemoe.recipes.convert import main as convert_main
 from lightning_mpipemoe.recipes.data import IGNORE_INDEX, TextDataModule, make_blocks, read_documents
 from lightning_mpipemoe.recipes.evaluate import evaluate_directory
-from lightning_mpipemoe.recipes.finetune import CONFIG_DIR, prepare
+from lightning_mpipemoe.recipes.finetune import CONFIG_DIR, RecipeError, _multirun_job_port, prepare
 from lightning_mpipemoe.recipes.module import heldout_loss_sums
 from lightning_mpipemoe.recipes.tiny_checkpoint import SPEC_FILE, TinySpec, ensure_tiny_checkpoint
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
@@ -249,11 +250,51 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "c").exists(), "--cfg must not run anything"
 
 
-@pytest.mark.slow
-@pytest.mark.skip(
-    reason="known bug, open: in a multirun the second or third job's ranks can hang in init_process_group "
-    "(gloo full mesh against the first job's rendezvous state); seen in 2 of 3 full-suite runs, never alone"
+@pytest.fixture
+def hydra_job():
+    """Hydra's job config as a job of a multirun sees it; `(mode, job number)` set by the test."""
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("finetune", return_hydra_config=True)
+
+    def set_job(mode: RunMode, num: int) -> None:
+        with open_dict(cfg):
+            cfg.hydra.mode, cfg.hydra.job.num = mode, num
+        HydraConfig.instance().set_config(cfg)
+
+    yield set_job
+    HydraConfig.instance().cfg = None
+
+
+@pytest.mark.parametrize(
+    "mode, job, port, expected",
+    [
+        (RunMode.MULTIRUN, 0, "29500", "29500"),
+        (RunMode.MULTIRUN, 2, "29500", "29502"),
+        (RunMode.RUN, 0, "29500", "29500"),  # one run keeps the user's port
+        (RunMode.MULTIRUN, 2, None, None),  # no port given: Lightning picks a free one per job
+    ],
 )
+def test_multirun_jobs_rendezvous_on_their_own_ports(hydra_job, monkeypatch, mode, job, port, expected):
+    """The jobs of a multirun run one after another in one process; with a fixed MASTER_PORT
+    the second job's ranks met the first job's rendezvous state and waited forever."""
+    hydra_job(mode, job)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    if port is not None:
+        monkeypatch.setenv("MASTER_PORT", port)
+    _multirun_job_port({"MASTER_PORT": port})
+    assert os.environ.get("MASTER_PORT") == expected
+
+
+@pytest.mark.parametrize("port", ["65535", "auto"])
+def test_multirun_job_port_out_of_range_is_refused(hydra_job, port):
+    hydra_job(RunMode.MULTIRUN, 1)
+    with pytest.raises(RecipeError, match=f"MASTER_PORT={port}: job 1 of a multirun rendezvous on MASTER_PORT"):
+        _multirun_job_port({"MASTER_PORT": port})
+
+
+@pytest.mark.slow
 def test_multirun_sweeps_granularity(cache, tmp_path):
     sweep = tmp_path / "sweep"
     result = _run(
