@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.commands import run_command
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 MIB = 2**20
@@ -89,8 +90,8 @@ def test_report_regenerates_from_saved_json(report, tmp_path):
 @pytest.mark.slow  # four spawned gloo launches, about a minute on 2 cores
 def test_suite_quick_mode(report, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(BENCH / "suite.py"), "--quick", "--out-dir", str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = run_command([sys.executable, str(BENCH / "suite.py"), "--quick", "--out-dir", str(tmp_path)],
+                       env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     payload = json.loads((tmp_path / "suite_quick.json").read_text())
     assert payload["rows"] and all("error" not in r for r in payload["rows"])

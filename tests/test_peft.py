@@ -29,6 +29,7 @@ from lightning_mpipemoe.checkpointing import shard_file
 from lightning_mpipemoe.discovery import pack_experts
 from lightning_mpipemoe.hf_models.api import MoECausalLMModule, convert_model, sharded_expert_keys
 from lightning_mpipemoe.hf_models.peft_lora import export_merged, save_lora_adapter
+from tests.commands import run_command
 from tests.hf_tiny import VOCAB, tiny_batch, tiny_model
 from tests.strategy_models import LossRecorder, SaveAt, read_losses
 
@@ -267,7 +268,6 @@ def test_recipe_peft_lora_end_to_end(tmp_path):
     directory beside it loads with plain peft onto the source model to the same logits."""
     import json
     import os
-    import subprocess
     import sys
 
     from hydra import compose, initialize_config_dir
@@ -283,10 +283,10 @@ def test_recipe_peft_lora_end_to_end(tmp_path):
     assert cfg.peft.method == "lora" and cfg.peft.targets == "all"
     source = Path(cfg.model.path)
     ensure_tiny_checkpoint(source, TinySpec(**cfg.model.tiny))
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "-m", "lightning_mpipemoe.recipes.finetune", "peft=lora", f"paths.cache={cache}",
          f"hydra.run.dir={run_dir}", "trainer.max_steps=8", "trainer.enable_progress_bar=false"],
-        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())

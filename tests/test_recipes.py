@@ -36,6 +36,7 @@ from lightning_mpipemoe.recipes.finetune import CONFIG_DIR, RecipeError, _multir
 from lightning_mpipemoe.recipes.module import heldout_loss_sums
 from lightning_mpipemoe.recipes.tiny_checkpoint import SPEC_FILE, TinySpec, ensure_tiny_checkpoint
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
+from tests.commands import run_command
 from tests.dist_utils import agent_store
 
 GROUPS = ("model", "data", "trainer", "strategy", "optim", "peft", "experiment")
@@ -61,7 +62,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(args: list[str], cwd: Path, timeout: float = 600, command=FINETUNE, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command + args, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    return run_command(command + args, cwd=cwd, env=_env(**env), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_every_yaml_begins_with_the_command_that_launches_it(path):
     config_name = command[recipe].rsplit(".", 1)[1]
     overrides = [w for w in command[recipe + 1 :] if "=" in w and not w.startswith("-")]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides)  # the command's overrides compose
+        compose(config_name, overrides=overrides)  # the command's overrides compose (raises if not)
     if path.parent.name in GROUPS:
         assert f"{path.parent.name}={path.stem}" in overrides, f"{path.name}: the command does not select it: {first!r}"
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lightning_mpipemoe.checkpointing import consolidate_checkpoint
+from tests.commands import run_command
 from tests.dist_utils import agent_store
 from tests.strategy_models import CLIP, HPARAMS, STEPS, read_losses, reference_run
 
@@ -54,7 +55,7 @@ def _check_run(out: Path, reference: dict) -> None:
 def test_plain_script_with_two_devices(tmp_path, reference):
     cmd = [sys.executable, str(SCRIPT), "--devices", "2", "--out", str(tmp_path)]
     with agent_store() as rendezvous:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(**rendezvous), capture_output=True, text=True, timeout=TIMEOUT_S)
+        proc = run_command(cmd, cwd=ROOT, env=_env(**rendezvous), timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _check_run(tmp_path, reference)
 
