@@ -89,6 +89,20 @@ def _reducer_worker(rank: int, world_size: int) -> None:
         assert p.grad.data_ptr() == bucket_view.data_ptr(), "the gradient is a view into its bucket (in place)"
         torch.testing.assert_close(p.grad.double(), want, atol=1e-6, rtol=1e-6)
 
+    # The next step (after the optimizer's zero_grad(set_to_none=True)): the buckets start during
+    # backward again (their readiness counts were reset), the fresh gradients are copied into the
+    # buckets, and every bucket of the previous step was waited for (or start() would refuse).
+    for p in params:
+        p.grad = None
+    with collectives.record_collectives() as calls:
+        reducer.start(sync=True)
+        _loss(params, rank).backward()
+        during_backward = len(_bucket_calls(calls))
+        reducer.finish()
+    assert during_backward == 4 and len(_bucket_calls(calls)) == 4, calls
+    for p, want in zip(params, _expected(params, 2, range(2))):
+        torch.testing.assert_close(p.grad.double(), want, atol=1e-6, rtol=1e-6)
+
     # Gradient accumulation: no collective on the first micro-batch, one per bucket on the last;
     # the optimizer's zero_grad(set_to_none=True) in between steps is fine.
     for p in params:
