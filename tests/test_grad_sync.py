@@ -6,6 +6,7 @@ and the EP x DP strategy run with gradient accumulation against one process.
 from __future__ import annotations
 
 import json
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -227,10 +228,13 @@ CHECKPOINT_TIMEOUT = timedelta(minutes=7)
 
 
 class _CheckGroupTimeouts(Callback):
-    """The collectives fail fast; checkpoint barriers have their own group and limit."""
+    """The collectives fail fast; checkpoint barriers have their own group and limit. The
+    workers reached the default group through the store the spawn launcher holds (clients
+    only: no worker bound a port)."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         strategy = trainer.strategy
+        assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"
 
         def timeout(group):
             return group._get_backend(torch.device("cpu")).options._timeout
