@@ -27,9 +27,10 @@ Order of events in a run (Lightning's `Trainer._run`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -39,6 +40,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.fabric.utilities.types import _PATH
@@ -653,7 +655,10 @@ class _MPipeMoESpawnLauncher(_MultiProcessingLauncher):
     """The spawn launcher, handing the main process consolidated weights: its module was never
     sharded, so rank 0's shards would not load into it. A module that builds its model in
     `configure_model` (which only the workers ran) gets it built in the main process too, so
-    that the trained weights have somewhere to go."""
+    that the trained weights have somewhere to go.
+
+    The workers rendezvous through a store this process hosts (`_hosted_rendezvous`), and tear
+    their process groups down together before they exit."""
 
     @override
     def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
@@ -665,7 +670,21 @@ class _MPipeMoESpawnLauncher(_MultiProcessingLauncher):
 
             for module in modules:
                 drop_output_capturing_hooks(module)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
+        with _hosted_rendezvous(self._strategy):
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+
+    @override
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        # The worker is done and rank 0's results are on the queue. Every rank finishes its
+        # collectives (a barrier, bounded by the group's timeout), then destroys the process
+        # groups before the interpreter exits: a gloo context left to the interpreter's
+        # shutdown while a peer is already gone can abort the process ("terminate called
+        # without an active exception"). Not after a failure (the exception propagates past
+        # this): the peers may be blocked in a collective this rank never joins.
+        if dist.is_initialized():
+            self._strategy.barrier("mpipemoe_spawn_exit")
+            dist.destroy_process_group()
 
     @override
     def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: "pl.Trainer") -> None:
@@ -695,6 +714,40 @@ class _MPipeMoESpawnLauncher(_MultiProcessingLauncher):
             strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
         extra = self.get_extra_results(trainer)
         return _WorkerOutput(best_model_path, weights_path, trainer.state, results, extra)
+
+
+@contextlib.contextmanager
+def _hosted_rendezvous(strategy: MPipeMoEStrategy) -> Iterator[None]:
+    """Host the workers' rendezvous store in this (the launching) process for one launch.
+
+    Lightning's default (`LightningEnvironment` without `MASTER_PORT`) picks a free port, closes
+    it, and has rank 0 bind it again: anything on the machine may take the port in between
+    (EADDRINUSE). Here a `TCPStore` is bound to a port the OS assigns, and stays bound while the
+    workers run; every worker connects to it as a client (`TORCHELASTIC_USE_AGENT_STORE`,
+    torch's switch for "the launcher hosts the store", as torchrun's agent does). One store per
+    launch (a finished group's keys stay in its store); `MASTER_PORT` and the switch are
+    restored afterwards, so that no later launch reuses the closed port. Only for one node and
+    Lightning's own environment with no `MASTER_PORT` given; otherwise Lightning's rendezvous.
+    """
+    env = strategy.cluster_environment
+    if type(env) is not LightningEnvironment or strategy.num_nodes != 1 or "MASTER_PORT" in os.environ:
+        yield
+        return
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=strategy._timeout)
+    names = ("MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
+    saved = {name: os.environ.get(name) for name in names}
+    env._main_port = store.port  # the port Lightning's launcher hands the workers (it caches the first one)
+    os.environ.update(MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        env._main_port = -1
+        del store
 
 
 def _load_trained_weights(module: pl.LightningModule, state_dict: dict[str, Tensor]) -> None:

@@ -23,6 +23,9 @@ routing a rounding can flip a near tie, moving one token's output by O(1) (measu
 tiny Mixtral). So the per-layer check compares each MoE layer's output on the inputs it
 actually received; whole-model checks use a model where every expert is chosen (no flips) and
 the stages of all layers in sequence.
+
+fp16 (`precision="16-true"`): the same model with fp16's unit roundoff, u = 2^-11 (11
+significand bits); `unit_roundoff=FP16_U` below.
 """
 
 from __future__ import annotations
@@ -32,16 +35,17 @@ import math
 import torch
 
 U = 2.0**-8
+FP16_U = 2.0**-11
 FP32_U = 2.0**-24
 LAMBDA = 2.5
 #: An expert layer's forward (6 roundings) and backward chains, with margin.
 LAYER_STAGES = 8
 
 
-def bf16_tolerance(stages: int, reduction: int = 1) -> float:
+def bf16_tolerance(stages: int, reduction: int = 1, unit_roundoff: float = U) -> float:
     """Norm-wise relative tolerance of a bf16 result after `stages` roundings in sequence and
     fp32-accumulated reductions of length `reduction` (see the module docstring)."""
-    return LAMBDA * U * math.sqrt(stages / 3) + reduction * FP32_U
+    return LAMBDA * unit_roundoff * math.sqrt(stages / 3) + reduction * FP32_U
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -50,11 +54,13 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_bf16_close(actual: torch.Tensor, expected: torch.Tensor, what: str, *, stages: int = LAYER_STAGES,
-                      reduction: int = 1) -> None:
-    """`actual` (bf16 run) within `bf16_tolerance(stages, reduction)` of `expected` (fp32 run)."""
+                      reduction: int = 1, unit_roundoff: float = U) -> None:
+    """`actual` (bf16 run, or fp16 with `unit_roundoff=FP16_U`) within
+    `bf16_tolerance(stages, reduction, unit_roundoff)` of `expected` (fp32 run)."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    error, tol = relative_error(actual, expected), bf16_tolerance(stages, reduction)
+    u = unit_roundoff
+    error, tol = relative_error(actual, expected), bf16_tolerance(stages, reduction, u)
     assert error <= tol, (
-        f"{what}: norm-wise relative error {error:.3e} = {error / U:.2f} u > {tol / U:.2f} u "
-        f"(u = 2^-8, {stages} roundings, reductions of {reduction})"
+        f"{what}: norm-wise relative error {error:.3e} = {error / u:.2f} u > {tol / u:.2f} u "
+        f"(u = 2^{math.log2(u):.0f}, {stages} roundings, reductions of {reduction})"
     )

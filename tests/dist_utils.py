@@ -11,12 +11,15 @@ once). So no test picks a port for a child to bind:
 
 - `run_distributed` rendezvous through a `file://` init method (a `FileStore` in a fresh
   temporary directory): no port at all.
-- Launches that need `MASTER_ADDR`/`MASTER_PORT` (Lightning's subprocess launcher, torchrun)
-  get them from `agent_store()`: the test process itself hosts a `TCPStore` bound to port 0
-  (the OS assigns a port that is bound from then on, so nothing can take it) and reads the
-  port back; every rank connects to it as a client (`TORCHELASTIC_USE_AGENT_STORE=True`,
-  torch's own switch for "the launcher hosts the store", which torchrun's agent uses), so no
-  child ever binds a port.
+- Launches that need `MASTER_ADDR`/`MASTER_PORT` (Lightning's subprocess launcher, torchrun,
+  a one-process Lightning run inside pytest: `in_process_world`) get them from
+  `agent_store()`: the test process itself hosts a `TCPStore` bound to port 0 (the OS
+  assigns a port that is bound from then on, so nothing can take it) and reads the port
+  back; every rank connects to it as a client (`TORCHELASTIC_USE_AGENT_STORE=True`, torch's
+  own switch for "the launcher hosts the store", which torchrun's agent uses), so no child
+  ever binds a port.
+- `mpipemoe_spawn` trainers need nothing: the strategy's spawn launcher hosts such a store
+  itself for each launch (`strategy._hosted_rendezvous`).
 """
 
 from __future__ import annotations
@@ -101,10 +104,13 @@ def agent_store(timeout_s: float = 300.0) -> Iterator[dict[str, str]]:
 
 @contextlib.contextmanager
 def in_process_world() -> Iterator[None]:
-    """A one-process Lightning run inside pytest: restore the environment and the default group."""
+    """A one-process Lightning run inside pytest: its rendezvous through `agent_store()` (no port
+    picked and bound again by the run), then the environment and the default group restored."""
     saved = dict(os.environ)
     try:
-        yield
+        with agent_store() as rendezvous:
+            os.environ.update(rendezvous)
+            yield
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import time
 
 import pytest
 import torch
@@ -302,19 +301,20 @@ def _skipped_collective_worker(rank: int, world_size: int, timeout_s: float, res
     full = make_weights(4, True, False)
     tokens = make_tokens(8, 4, 2, seed=0, route="random")
     local = {k: v[:2] for k, v in full.items()}
-    start = time.monotonic()
     try:
         expert_parallel_forward(*tokens, ExpertWeights(**local), ep_group=groups.ep)
     except RuntimeError as exc:
-        result_queue.put(("error", time.monotonic() - start, str(exc)[:200]))
+        result_queue.put(("error", str(exc)[:300]))
     else:
-        result_queue.put(("returned", time.monotonic() - start, ""))
+        result_queue.put(("returned", ""))
 
 
 def test_skipped_collective_errors_within_timeout():
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.SimpleQueue()
     run_distributed(_skipped_collective_worker, 2, 3.0, results)
-    kind, elapsed, message = results.get()
+    kind, message = results.get()
     assert kind == "error", "the all-to-all with a missing peer must fail, not return"
-    assert elapsed < 30.0, f"took {elapsed:.1f}s to fail; the group timeout is 3s"
+    # The group's own 3 s timeout ended it (no wall clock here: a loaded machine cannot fail it).
+    # gloo says which limit it hit, e.g. "Timed out waiting 3000ms for send operation to complete".
+    assert "timed out" in message.lower() and "3000ms" in message, message

@@ -6,6 +6,7 @@ and the EP x DP strategy run with gradient accumulation against one process.
 from __future__ import annotations
 
 import json
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -87,6 +88,20 @@ def _reducer_worker(rank: int, world_size: int) -> None:
     views = [reducer.buckets[3 - i].views[0] for i in range(4)]
     for p, bucket_view, want in zip(params, views, _expected(params, 2, range(2))):
         assert p.grad.data_ptr() == bucket_view.data_ptr(), "the gradient is a view into its bucket (in place)"
+        torch.testing.assert_close(p.grad.double(), want, atol=1e-6, rtol=1e-6)
+
+    # The next step (after the optimizer's zero_grad(set_to_none=True)): the buckets start during
+    # backward again (their readiness counts were reset), the fresh gradients are copied into the
+    # buckets, and every bucket of the previous step was waited for (or start() would refuse).
+    for p in params:
+        p.grad = None
+    with collectives.record_collectives() as calls:
+        reducer.start(sync=True)
+        _loss(params, rank).backward()
+        during_backward = len(_bucket_calls(calls))
+        reducer.finish()
+    assert during_backward == 4 and len(_bucket_calls(calls)) == 4, calls
+    for p, want in zip(params, _expected(params, 2, range(2))):
         torch.testing.assert_close(p.grad.double(), want, atol=1e-6, rtol=1e-6)
 
     # Gradient accumulation: no collective on the first micro-batch, one per bucket on the last;
@@ -213,10 +228,13 @@ CHECKPOINT_TIMEOUT = timedelta(minutes=7)
 
 
 class _CheckGroupTimeouts(Callback):
-    """The collectives fail fast; checkpoint barriers have their own group and limit."""
+    """The collectives fail fast; checkpoint barriers have their own group and limit. The
+    workers reached the default group through the store the spawn launcher holds (clients
+    only: no worker bound a port)."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         strategy = trainer.strategy
+        assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"
 
         def timeout(group):
             return group._get_backend(torch.device("cpu")).options._timeout

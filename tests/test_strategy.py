@@ -11,6 +11,7 @@ clipping norm show; Adam would hide a uniform scale.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from lightning_mpipemoe.checkpointing import (
     split_checkpoint,
 )
 from lightning_mpipemoe.config import SimulatedLink, executor_overrides
-from lightning_mpipemoe.strategy import MPipeMoEStrategy, _MPipeMoESpawnLauncher
+from lightning_mpipemoe.strategy import MPipeMoEStrategy, _hosted_rendezvous, _MPipeMoESpawnLauncher
 from tests.strategy_models import (
     CLIP,
     GLOBAL_BATCH,
@@ -110,6 +111,31 @@ def test_registry_names_and_init_params():
     assert popen.strategy.expert_parallel_size == 2  # default: the devices of one node
     spawn = pl.Trainer(accelerator="cpu", devices=2, num_nodes=1, strategy="mpipemoe_spawn", logger=False)
     assert isinstance(spawn.strategy.launcher, _MPipeMoESpawnLauncher)
+
+
+def test_spawn_launch_rendezvous_through_a_store_the_launcher_holds(monkeypatch):
+    """Each `mpipemoe_spawn` launch hosts its workers' store on a port the OS assigned and that
+    stays bound (no free port picked, released and bound again by rank 0: EADDRINUSE), the
+    workers connect as clients, and the environment is restored afterwards (a later launch
+    must not reuse the closed port). A `MASTER_PORT` of the user's is left to Lightning."""
+    for name in ("MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    strategy = pl.Trainer(accelerator="cpu", devices=2, strategy="mpipemoe_spawn", logger=False).strategy
+    ports = []
+    for _ in range(2):  # two launches of one trainer (fit, then test): a fresh store each
+        with _hosted_rendezvous(strategy):
+            port = strategy.cluster_environment.main_port  # what Lightning's launcher hands the workers
+            assert os.environ["MASTER_PORT"] == str(port) and os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"
+            client = torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=TEST_TIMEOUT)
+            client.set("rank1", "here")  # a worker's client reaches the store the launcher holds
+            assert client.get("rank1") == b"here"
+            del client
+            ports.append(port)
+        assert "MASTER_PORT" not in os.environ and "TORCHELASTIC_USE_AGENT_STORE" not in os.environ
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    strategy = pl.Trainer(accelerator="cpu", devices=2, strategy="mpipemoe_spawn", logger=False).strategy
+    with _hosted_rendezvous(strategy):
+        assert strategy.cluster_environment.main_port == 29999 and "TORCHELASTIC_USE_AGENT_STORE" not in os.environ
 
 
 def test_executor_overrides_map_onto_executor_config():

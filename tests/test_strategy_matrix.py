@@ -22,7 +22,8 @@ from lightning_mpipemoe.checkpointing import consolidate_checkpoint
 from lightning_mpipemoe.config import RESTORE_STRATEGIES
 from lightning_mpipemoe.grad_sync import clip_grad_norm_, global_grad_norm, reduce_dtype, reduce_expert_gradients
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
-from tests.bf16_check import LAYER_STAGES, assert_bf16_close
+from tests.bf16_check import FP16_U, LAYER_STAGES, assert_bf16_close
+from tests.bf16_check import U as BF16_U
 from tests.dist_utils import run_distributed
 from tests.strategy_models import (
     CLIP,
@@ -163,23 +164,27 @@ class _CaptureGrads(Callback):
 ALL_EXPERTS = {**HPARAMS, "top_k": 4}
 
 
-def _fp32_first_step(round_to_bf16: bool) -> tuple[float, dict[str, torch.Tensor]]:
-    """One process, fp32, the same weights (rounded to bf16 first for bf16-true): loss and
-    gradients of the first global batch."""
-    model = TinyMoELM(**ALL_EXPERTS)
-    if round_to_bf16:
-        model = model.to(torch.bfloat16).float()
+def _fp32_first_step(round_to: torch.dtype) -> tuple[float, dict[str, torch.Tensor]]:
+    """One process, fp32, the same weights (rounded to `round_to` first: what a "-true" run
+    trains): loss and gradients of the first global batch."""
+    model = TinyMoELM(**ALL_EXPERTS).to(round_to).float()
     loss = model.training_step(TokenDataset().global_batch(0), 0)["loss"]
     loss.backward()
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
 def _precisions(rank: int, root: Path) -> None:
-    """bf16-mixed and bf16-true against fp32 on the same weights: the first step's loss and
-    every gradient (expert shards and the replicated rest) within the tolerance of bf16's unit
-    roundoff over the model's stages (tests/bf16_check.py: 2 blocks and the head in sequence,
-    3 x LAYER_STAGES for the loss, twice that for gradients)."""
-    for precision, param_dtype in (("bf16-mixed", torch.float32), ("bf16-true", torch.bfloat16)):
+    """bf16-mixed, bf16-true and 16-true against fp32 on the same weights: the first step's
+    loss and every gradient (expert shards and the replicated rest) within the tolerance of
+    the format's unit roundoff over the model's stages (tests/bf16_check.py: 2 blocks and the
+    head in sequence, 3 x LAYER_STAGES for the loss, twice that for gradients; u = 2^-8 for
+    bf16, 2^-11 for fp16, whose CPU kernels, gloo all-to-alls and all-reduces all run here)."""
+    runs = (
+        ("bf16-mixed", torch.float32, BF16_U),
+        ("bf16-true", torch.bfloat16, BF16_U),
+        ("16-true", torch.float16, FP16_U),
+    )
+    for precision, param_dtype, unit_roundoff in runs:
         capture = _CaptureGrads()
         run = root / precision
         trainer = _trainer(
@@ -193,15 +198,17 @@ def _precisions(rank: int, root: Path) -> None:
         trainer.fit(TinyMoELM(**ALL_EXPERTS), loader(GLOBAL_BATCH // 2))
         # The optimizer's dtype is the gradients' dtype: fp32 expert grads under bf16-mixed.
         assert capture.dtypes == {(param_dtype, param_dtype)}, (precision, capture.dtypes)
-        loss, grads = _fp32_first_step(round_to_bf16=precision == "bf16-true")
+        loss, grads = _fp32_first_step(round_to=param_dtype)
         experts = trainer.strategy.expert_parameter_names
         assert set(capture.grads) == set(grads)
         for name, grad in capture.grads.items():
             expected = grads[name][2 * rank : 2 * rank + 2] if name in experts else grads[name]
-            assert_bf16_close(grad, expected, f"{precision} d {name}", stages=6 * LAYER_STAGES)
+            assert_bf16_close(grad, expected, f"{precision} d {name}", stages=6 * LAYER_STAGES,
+                              unit_roundoff=unit_roundoff)
         if rank == 0:
             got = torch.tensor(read_losses(run / "losses.jsonl")[1])
-            assert_bf16_close(got, torch.tensor(loss), f"{precision} loss", stages=3 * LAYER_STAGES)
+            assert_bf16_close(got, torch.tensor(loss), f"{precision} loss", stages=3 * LAYER_STAGES,
+                              unit_roundoff=unit_roundoff)
 
 
 def _gradient_accumulation(rank: int, root: Path, reference: dict) -> None:

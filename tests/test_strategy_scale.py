@@ -1,20 +1,25 @@
 """MPipeMoEStrategy beyond the two-layer, four-expert model, against single-process training
 (1e-5), in one two-process launch: 4 MoE layers x 64 experts with routing skewed onto one EP
 rank's experts, gradient accumulation and the pipelined executor (n = 4, restore s4) together;
-frozen experts with skewed routing under the tuner (n = "auto"); and a run saved at EP = 1
-with AdamW state resumed at EP = 2.
+frozen experts with skewed routing under the tuner (n = "auto"); a run saved at EP = 1 with
+AdamW state resumed at EP = 2; and a run saved at EP = 2 resumed at EP = 4 on four processes
+laid out as two nodes of two (the EP group spans both nodes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 from pathlib import Path
 
 import lightning_mpipemoe  # noqa: F401  isort: skip
 import lightning.pytorch as pl
+import pytest
 import torch
+import torch.distributed as dist
 
+from lightning_mpipemoe import build_process_groups
 from lightning_mpipemoe.checkpointing import consolidate_checkpoint
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
 from tests.dist_utils import run_distributed
@@ -35,8 +40,13 @@ from tests.test_strategy import _in_process_world  # one-process Lightning runs 
 from tests.test_strategy_matrix import _trainer
 
 TOL = 1e-5
+TIMEOUT = timedelta(seconds=60)
 #: 4 MoE layers of 64 experts (32 per EP rank), top-2, narrow experts.
 BIG = {"layers": 4, "num_experts": 64, "intermediate": 8}
+#: Saved at step 3 (an epoch end: 3 steps an epoch), resumed for steps 4 and 5. (Not a
+#: checkpoint saved at an epoch end by a run that was itself resumed: Lightning 2.6 resumes
+#: that one by replaying the epoch it ended (seen: step 7 trained on step 4's batch), which no
+#: uninterrupted run does.)
 RESUME_AT, RESUME_STEPS = 3, 5
 
 
@@ -87,12 +97,48 @@ def _resume_at_larger_ep(rank: int, root: Path, checkpoint: Path) -> None:
     trainer.fit(AdamWMoELM(), loader(GLOBAL_BATCH // 2), ckpt_path=checkpoint)
 
 
+def _ep4_on_two_nodes_worker(rank: int, world_size: int, root: str) -> None:
+    """Four processes as two nodes of two devices (what a cluster launcher sets: NODE_RANK and
+    LOCAL_RANK; global rank = node x 2 + local)."""
+    os.environ.update(LOCAL_RANK=str(rank % 2), NODE_RANK=str(rank // 2))
+    root = Path(root)
+    node = rank // 2
+    # The groups on this layout: EP 2 stays within a node, its expert-dp replicas span nodes.
+    groups = build_process_groups(2, timeout=TIMEOUT)
+    assert dist.get_process_group_ranks(groups.ep) == [2 * node, 2 * node + 1]
+    assert dist.get_process_group_ranks(groups.expert_dp) == [rank % 2, rank % 2 + 2]
+    # EP 4 over both nodes (the strategy warns: every all-to-all crosses the inter-node link),
+    # resuming the EP 2 run's step-3 checkpoint (weights, AdamW moments, step) for steps 4, 5.
+    callbacks = [LossRecorder(root / "losses.jsonl"), SaveAt({RESUME_STEPS: root / "final.ckpt"})]
+    warns = pytest.warns(UserWarning, match="puts EP groups across nodes") if rank == 0 else contextlib.nullcontext()
+    with warns:
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=2, num_nodes=2, max_steps=RESUME_STEPS, gradient_clip_val=CLIP, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=root, callbacks=callbacks,
+            strategy=MPipeMoEStrategy(expert_parallel_size=4, timeout=TIMEOUT),
+        )  # fmt: skip
+        trainer.fit(AdamWMoELM(), loader(GLOBAL_BATCH // 4), ckpt_path=root.parent / "ep2" / "step3.ckpt")
+    groups = trainer.strategy.moe_groups
+    assert trainer.global_rank == rank and (trainer.node_rank, trainer.local_rank) == (node, rank % 2)
+    assert dist.get_process_group_ranks(groups.ep) == [0, 1, 2, 3] and groups.expert_dp_size == 1
+    assert trainer.lightning_module.blocks[0].moe.num_local_experts == 1
+
+
+def _saved_at_ep2(rank: int, root: Path) -> None:
+    """AdamW at EP = 2 from the start, saved at step 3: what the EP = 4 run resumes."""
+    callbacks = [SaveAt({RESUME_AT: root / "step3.ckpt"})]
+    trainer = _trainer(root, max_steps=RESUME_AT, gradient_clip_val=CLIP, callbacks=callbacks)
+    trainer.fit(AdamWMoELM(), loader(GLOBAL_BATCH // 2))
+
+
 def _worker(rank: int, world_size: int, root: str) -> None:
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0")
     root = Path(root)
     _big_skewed_accumulated(rank, root / "big")
     _frozen_experts(rank, root / "frozen")
     _resume_at_larger_ep(rank, root / "resume", root / "ep1" / "step3.ckpt")
+    _saved_at_ep2(rank, root / "ep2")
 
 
 def test_scale_frozen_experts_and_resume_at_larger_ep(tmp_path):
@@ -117,3 +163,11 @@ def test_scale_frozen_experts_and_resume_at_larger_ep(tmp_path):
         assert abs(loss - reference["losses"][step - 1]) <= TOL, (step, loss, reference["losses"][step - 1])
     _assert_states_close(consolidate_checkpoint(tmp_path / "resume" / "final.ckpt"), reference["states"][-1],
                          "resumed at EP = 2")
+
+    run_distributed(_ep4_on_two_nodes_worker, 4, str(tmp_path / "ep4"), timeout_s=180)
+    losses = read_losses(tmp_path / "ep4" / "losses.jsonl")
+    assert sorted(losses) == [4, 5]
+    for step, loss in losses.items():
+        assert abs(loss - reference["losses"][step - 1]) <= TOL, (step, loss, reference["losses"][step - 1])
+    _assert_states_close(consolidate_checkpoint(tmp_path / "ep4" / "final.ckpt"), reference["states"][-1],
+                         "resumed at EP = 4 on two nodes")
