@@ -1,0 +1,212 @@
+"""MPipeMoEStrategy(sharding="fsdp"): FSDP2 over expert parallelism, against single-process
+training (gloo, spawn).
+
+A tiny Qwen2-MoE causal LM (8 experts, top-2, shared expert, 2 layers, hidden 32) is trained
+for 5 AdamW steps with gradient clipping by norm on a global batch of 4 sequences, at 2
+processes (EP 2, model given in `__init__`) and 4 processes (EP 2 x expert-dp 2, model built
+in `configure_model`). The reference is one process running the unmodified transformers model
+on the same global batch split the same way: rank r's loss L_r is HF's loss (LM + router aux
+loss) of its sub-batch, the optimised loss (1/W) sum_r L_r. Every rank's loss at every step
+and the final parameters (handed back by the spawn launcher, consolidated) match within 1e-5.
+A wrong gradient divide factor (experts divided by expert_dp instead of the world), a clipping
+norm that double counts or misses shards, or unsynchronised replicas would show.
+
+The 4-process run also records the bytes every rank holds (parameters + gradients + AdamW
+state, its shards only): within 5% of a quarter of the full model's, for the dense part and
+for the experts.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import lightning_mpipemoe  # noqa: F401  isort: skip
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import StrategyRegistry
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_mpipemoe.fsdp import local_state_bytes
+from lightning_mpipemoe.hf_models.lightning_modules import MoECausalLMModule
+from lightning_mpipemoe.strategy import MPipeMoEStrategy
+from tests.hf_tiny import VOCAB, tiny_model
+
+TOL = 1e-5
+FAMILY = "qwen2_moe"
+GLOBAL_BATCH = 4
+SEQ = 8
+STEPS = 5
+LR = 1e-3
+WEIGHT_DECAY = 0.1
+CLIP = 4.5
+TIMEOUT = timedelta(seconds=120)
+
+
+class TokenData(Dataset):
+    """GLOBAL_BATCH x STEPS fixed sequences (labels = inputs: HF shifts them)."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(7)
+        self.ids = torch.randint(2, VOCAB, (GLOBAL_BATCH * STEPS, SEQ), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def rank_batch(self, step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        """What `rank` trains on at `step` (epoch 0): Lightning's training sampler is
+        `DistributedSampler(shuffle=True, seed=0)`, one `randperm(n)` seeded with the epoch, rank r
+        of W taking positions r, r+W, ... of it."""
+        per_rank = GLOBAL_BATCH // world
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))
+        index = [int(order[rank + world * (step * per_rank + j)]) for j in range(per_rank)]
+        return {k: torch.stack([self[i][k] for i in index]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def hparams() -> dict:
+    return dict(learning_rate=LR, weight_decay=WEIGHT_DECAY, log_moe_metrics=False)
+
+
+class BuiltInConfigureModel(MoECausalLMModule):
+    """The model is built in `configure_model` (on every rank, and in the main process later)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, **hparams())
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = tiny_model(FAMILY)
+
+
+class Record(Callback):
+    """Each rank's loss per step, and at the end the bytes it holds (dense / experts)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss.detach()))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        strategy = trainer.strategy
+        named = dict(pl_module.named_parameters())
+        experts = [named[k] for k in strategy._expert_keys]
+        dense = [p for k, p in named.items() if k not in strategy._expert_keys]
+        record = {
+            "losses": self.losses,
+            "dense_bytes": local_state_bytes(dense, strategy.optimizers),
+            "expert_bytes": local_state_bytes(experts, strategy.optimizers),
+        }
+        (self.root / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def reference(world: int) -> dict:
+    """One process, unmodified HF model: per-rank losses per step, final state, clip norms."""
+    model = tiny_model(FAMILY)
+    model.train()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LR,
+        betas=(0.9, 0.95),
+    )
+    data = TokenData()
+    losses, norms = [], []
+    for step in range(STEPS):
+        per_rank = [model(**data.rank_batch(step, r, world), output_router_logits=True).loss for r in range(world)]
+        (sum(per_rank) / world).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append([float(x.detach()) for x in per_rank])
+    state = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses": losses, "norms": norms, "state": state}
+
+
+def _fit(world: int, module: pl.LightningModule, root: Path) -> list[dict]:
+    strategy = MPipeMoEStrategy(expert_parallel_size=2, sharding="fsdp", start_method="spawn", timeout=TIMEOUT)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        max_steps=STEPS,
+        gradient_clip_val=CLIP,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[Record(root)],
+    )
+    trainer.fit(module, DataLoader(TokenData(), batch_size=GLOBAL_BATCH // world, shuffle=False))
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _check_against_reference(world: int, records: list[dict], state: dict) -> None:
+    ref = reference(world)
+    clipped = [n > CLIP for n in ref["norms"]]
+    assert any(clipped) and not all(clipped), f"CLIP={CLIP} should clip some steps only; norms {ref['norms']}"
+    for rank, record in enumerate(records):
+        got = record["losses"]
+        expected = [ref["losses"][s][rank] for s in range(STEPS)]
+        assert len(got) == STEPS and all(abs(a - b) <= TOL for a, b in zip(got, expected)), (rank, got, expected)
+    assert set(state) == set(ref["state"]), sorted(set(state) ^ set(ref["state"]))
+    moved = 0.0
+    for key, value in ref["state"].items():
+        torch.testing.assert_close(state[key], value, atol=TOL, rtol=0, msg=lambda m: f"final {key}: {m}")
+        moved = max(moved, float((value - tiny_model(FAMILY).state_dict()[key[len("model.") :]]).abs().max()))
+    assert moved > 100 * TOL, f"training barely moved the weights ({moved}); the comparison would be vacuous"
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def test_sharding_argument_and_registry():
+    with pytest.raises(ValueError, match=r"sharding must be one of \('ddp', 'fsdp'\), got 'zero3'"):
+        MPipeMoEStrategy(sharding="zero3")
+    with pytest.raises(ValueError, match="sharding='fsdp' does not take DDP's arguments"):
+        MPipeMoEStrategy(sharding="fsdp", find_unused_parameters=True)
+    assert MPipeMoEStrategy()._sharding == "ddp"
+    for name, start in (("mpipemoe_fsdp", "popen"), ("mpipemoe_fsdp_spawn", "spawn")):
+        assert StrategyRegistry[name]["init_params"] == {"start_method": start, "sharding": "fsdp"}
+        strategy = StrategyRegistry.get(name)
+        assert isinstance(strategy, MPipeMoEStrategy) and strategy._sharding == "fsdp"
+
+
+# ----------------------------------------------------------------------------- distributed runs
+
+
+def test_fsdp_ep2_matches_single_process(tmp_path):
+    """2 processes, EP 2 (expert-dp 1: the experts' FSDP group is one rank), model in `__init__`."""
+    module = MoECausalLMModule(tiny_model(FAMILY), **hparams())
+    records = _fit(2, module, tmp_path)
+    _check_against_reference(2, records, module.state_dict())
+
+
+def test_fsdp_ep2_dp2_matches_single_process_and_shards_state(tmp_path):
+    """4 processes, EP 2 x expert-dp 2, model built in `configure_model`; per-rank state bytes."""
+    module = BuiltInConfigureModel()
+    records = _fit(4, module, tmp_path)
+    _check_against_reference(4, records, module.state_dict())
+    # Full model state under AdamW in fp32: weights + gradients + two moments = 4 copies.
+    full = tiny_model(FAMILY)
+    expert_keys = {k for k in full.state_dict() if ".mlp.experts." in k}
+    params = dict(full.named_parameters())
+    full_expert = 4 * sum(params[k].numel() * 4 for k in expert_keys)
+    full_dense = 4 * sum(p.numel() * 4 for k, p in params.items() if k not in expert_keys)
+    for rank, record in enumerate(records):
+        # + 4 bytes per parameter tensor: AdamW's `step` counter (a scalar tensor on every rank).
+        for what, full_bytes in (("dense", full_dense), ("expert", full_expert)):
+            got = record[f"{what}_bytes"]
+            assert abs(got - full_bytes / 4) <= 0.05 * full_bytes / 4, (rank, what, got, full_bytes / 4)
