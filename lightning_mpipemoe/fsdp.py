@@ -30,8 +30,8 @@ combine all-to-all's backward brings back the gradient of every rank whose token
 
 The reduce-scatter over `expert_dp` sums one such term per EP group, i.e. sum_r dL_r/dw over
 the whole world, so dL/dw needs a division by W, not by expert_dp (FSDP's default for that
-mesh, which would give ep times the true gradient). Hence `set_gradient_divide_factor(W)` on
-every experts FSDP module (`set_reduce_scatter_divide_factor` under torch < 2.8).
+mesh, which would give ep times the true gradient). Hence a divide factor W on every experts
+FSDP module (`_set_divide_factor`: the torch 2.7 and >= 2.8 APIs differ).
 
 Clipping. After the reductions every gradient element lives on exactly one rank: dense
 gradients are sharded over all W ranks, expert gradients over `expert_dp` within disjoint EP
@@ -204,7 +204,7 @@ def shard_model(
             if has_unmanaged_params(child):
                 shard(child, dense_mesh)  # e.g. MoELayer's router: dense, over the world
         shard(owner, expert_mesh["expert_dp"])
-        _set_divide_factor(owner, groups.world_size)
+        _set_divide_factor(owner, groups.world_size, device_type, groups.expert_dp_size)
         layout.expert_modules.append(owner)
     owner_ids = {id(m) for m in owners.values()}
     for sub in list(module.modules()):
@@ -224,11 +224,27 @@ def _dtensor():
     return DTensor
 
 
-def _set_divide_factor(module: nn.Module, factor: float) -> None:
-    setter = getattr(module, "set_gradient_divide_factor", None)  # torch >= 2.8
-    if setter is None:
-        setter = module.set_reduce_scatter_divide_factor  # torch 2.7
-    setter(float(factor))
+def _set_divide_factor(module: nn.Module, factor: float, device_type: str, group_size: int) -> None:
+    """Divide the experts' reduced gradients by `factor` (the world size, not the group's).
+
+    torch >= 2.8: `set_gradient_divide_factor`; a custom factor becomes NCCL's PreMulSum, which
+    other backends (gloo) lack, so off CUDA the reduction is forced to a plain sum followed by
+    the division (`set_force_sum_reduction_for_comms`). torch 2.7 only has
+    `set_reduce_scatter_divide_factor`, which always builds NCCL's PreMulSum: CUDA only there
+    (a one-rank group communicates nothing, so any device works)."""
+    setter = getattr(module, "set_gradient_divide_factor", None)
+    if setter is not None:
+        setter(float(factor))
+        if device_type != "cuda":
+            module.set_force_sum_reduction_for_comms(True)
+        return
+    if device_type != "cuda" and group_size > 1:
+        raise RuntimeError(
+            f"sharding='fsdp' with expert-data-parallel size {group_size} on {device_type!r} needs torch >= 2.8 "
+            f"(torch {torch.__version__}'s FSDP2 divides the expert gradients by a custom factor with NCCL's PreMulSum "
+            "only); use CUDA devices, expert_parallel_size = world size, or a newer torch"
+        )
+    module.set_reduce_scatter_divide_factor(float(factor))
 
 
 @torch.no_grad()
