@@ -56,8 +56,8 @@ from lightning_mpipemoe import collectives
 from lightning_mpipemoe.groups import MoEProcessGroups
 
 __all__ = [
-    "FSDPLayout",
     "SHARDINGS",
+    "FSDPLayout",
     "build_meshes",
     "clip_grad_norm_",
     "full_state_dict",
@@ -199,7 +199,7 @@ def shard_model(
     def has_unmanaged_params(sub: nn.Module) -> bool:
         return any(not isinstance(p, _dtensor()) for p in sub.parameters())
 
-    for name, owner in owners.items():
+    for owner in owners.values():
         for child in owner.children():
             if has_unmanaged_params(child):
                 shard(child, dense_mesh)  # e.g. MoELayer's router: dense, over the world
@@ -257,7 +257,9 @@ def clip_grad_norm_(
     norm_type = float(norm_type)
     device = grads[0].device if grads else torch.device("cpu")
     if norm_type == math.inf:
-        local = max((g.detach().abs().max().float() for g in grads if g.numel()), default=torch.zeros((), device=device))
+        local = max(
+            (g.detach().abs().max().float() for g in grads if g.numel()), default=torch.zeros((), device=device)
+        )
         total = local.reshape(1).clone()
         op = dist.ReduceOp.MAX
     else:

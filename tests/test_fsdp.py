@@ -71,7 +71,7 @@ class TokenData(Dataset):
 
 
 def hparams() -> dict:
-    return dict(learning_rate=LR, weight_decay=WEIGHT_DECAY, log_moe_metrics=False)
+    return {"learning_rate": LR, "weight_decay": WEIGHT_DECAY, "log_moe_metrics": False}
 
 
 class BuiltInConfigureModel(MoECausalLMModule):
@@ -164,7 +164,7 @@ def _check_against_reference(world: int, records: list[dict], state: dict) -> No
     assert set(state) == set(ref["state"]), sorted(set(state) ^ set(ref["state"]))
     moved = 0.0
     for key, value in ref["state"].items():
-        torch.testing.assert_close(state[key], value, atol=TOL, rtol=0, msg=lambda m: f"final {key}: {m}")
+        torch.testing.assert_close(state[key], value, atol=TOL, rtol=0, msg=lambda m, key=key: f"final {key}: {m}")
         moved = max(moved, float((value - tiny_model(FAMILY).state_dict()[key[len("model.") :]]).abs().max()))
     assert moved > 100 * TOL, f"training barely moved the weights ({moved}); the comparison would be vacuous"
 
