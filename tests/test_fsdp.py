@@ -19,6 +19,7 @@ for the experts.
 from __future__ import annotations
 
 import json
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,11 +28,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import StrategyRegistry
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_mpipemoe.fsdp import local_state_bytes
+from lightning_mpipemoe.fsdp import local_state_bytes, mixed_precision_policy, warn_bf16_true
 from lightning_mpipemoe.hf_models.lightning_modules import MoECausalLMModule
+from lightning_mpipemoe.memory_plan import count_model, meta_model, plan_rank
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
 from tests.hf_tiny import VOCAB, tiny_model
 
@@ -205,8 +208,36 @@ def test_fsdp_ep2_dp2_matches_single_process_and_shards_state(tmp_path):
     params = dict(full.named_parameters())
     full_expert = 4 * sum(params[k].numel() * 4 for k in expert_keys)
     full_dense = 4 * sum(p.numel() * 4 for k, p in params.items() if k not in expert_keys)
+    # The planner's fsdp figure (config only, meta device) for the same setting.
+    plan = plan_rank(
+        count_model(meta_model(full.config)), sharding="fsdp", world_size=4, ep_size=2, tokens_per_rank=8,
+        precision="32-true",
+    )  # fmt: skip
+    planned = sum(plan.rows[k] for k in ("parameters", "gradients", "optimizer state"))
     for rank, record in enumerate(records):
-        # + 4 bytes per parameter tensor: AdamW's `step` counter (a scalar tensor on every rank).
+        # AdamW's `step` counters (a scalar tensor per parameter, on every rank) are in the 5%.
         for what, full_bytes in (("dense", full_dense), ("expert", full_expert)):
             got = record[f"{what}_bytes"]
             assert abs(got - full_bytes / 4) <= 0.05 * full_bytes / 4, (rank, what, got, full_bytes / 4)
+        measured = record["dense_bytes"] + record["expert_bytes"]
+        assert abs(planned - measured) <= 0.10 * measured, (rank, planned, measured)
+        print(
+            f"rank {rank}: dense {record['dense_bytes']} B (full/4 {full_dense / 4:.0f}), experts "
+            f"{record['expert_bytes']} B (full/4 {full_expert / 4:.0f}), planner {planned} B"
+        )
+
+
+def test_bf16_policies():
+    """bf16-mixed: fp32 master weights with bf16 compute and fp32 reduction; bf16-true warns
+    when an lr-sized update is below half a bf16 ulp of the weights."""
+    policy = mixed_precision_policy(MixedPrecision("bf16-mixed", "cpu"))
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert mixed_precision_policy(Precision()) is None
+    assert mixed_precision_policy(HalfPrecision("bf16-true")) is None
+    weights = torch.nn.Parameter(torch.full((64,), 0.02, dtype=torch.bfloat16))
+    with pytest.warns(UserWarning, match=r"lr=1e-05: an update of lr on a weight of RMS 0.02 is below half a bf16 ulp"):
+        warn_bf16_true(HalfPrecision("bf16-true"), [torch.optim.AdamW([weights], lr=1e-5)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_bf16_true(HalfPrecision("bf16-true"), [torch.optim.AdamW([weights], lr=1e-3)])
+        warn_bf16_true(MixedPrecision("bf16-mixed", "cpu"), [torch.optim.AdamW([weights], lr=1e-5)])
