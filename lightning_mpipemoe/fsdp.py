@@ -3,12 +3,15 @@
 Meshes. One set of process groups (`groups.build_process_groups`, each with its timeout)
 viewed as two device meshes (`DeviceMesh.from_group`, which torch 2.7 has):
 
-    expert mesh (expert_dp, ep)   rank = d * ep + e   (groups.py's layout, EP innermost)
+    expert mesh (ep, expert_dp)   rank = d * ep + e   (groups.py's layout, EP innermost)
     dense mesh  (fsdp,)           every rank
 
 The expert mesh's `ep` dimension IS the executor's EP group and its `expert_dp` dimension
 the expert-data-parallel group (the same `ProcessGroup` objects, not copies), so the
 all-to-alls of the executor and FSDP's collectives for the experts run on one set of groups.
+FSDP shards the experts over its `expert_dp` slice; checkpoints (`dcp_checkpoint.py`) describe
+them over the whole mesh as global `[E, ...]` DTensors, placements (Shard(0), Shard(0)): EP
+rank e holds experts [e*E/ep, (e+1)*E/ep), which FSDP cuts again over expert_dp.
 
 Order of sharding (torchtitan's `apply_fsdp` composition): experts are already sharded over
 `ep` (E/ep per rank, by the strategy's `_prepare_moe`); inside every module that owns expert
@@ -88,12 +91,12 @@ def local_tensor(t: Tensor) -> Tensor:
 
 
 def build_meshes(groups: MoEProcessGroups, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
-    """The dense `(fsdp,)` mesh and the expert `(expert_dp, ep)` mesh, over `groups`' own groups."""
+    """The dense `(fsdp,)` mesh and the expert `(ep, expert_dp)` mesh, over `groups`' own groups."""
     world = groups.world_size
     dense = DeviceMesh.from_group(groups.dp, device_type, mesh_dim_names=("fsdp",))
-    layout = torch.arange(world).view(groups.expert_dp_size, groups.ep_size)
+    layout = torch.arange(world).view(groups.expert_dp_size, groups.ep_size).t().contiguous()
     expert = DeviceMesh.from_group(
-        [groups.expert_dp, groups.ep], device_type, mesh=layout, mesh_dim_names=("expert_dp", "ep")
+        [groups.ep, groups.expert_dp], device_type, mesh=layout, mesh_dim_names=("ep", "expert_dp")
     )
     return dense, expert
 
@@ -229,13 +232,15 @@ def _set_divide_factor(module: nn.Module, factor: float, device_type: str, group
 
     torch >= 2.8: `set_gradient_divide_factor`; a custom factor becomes NCCL's PreMulSum, which
     other backends (gloo) lack, so off CUDA the reduction is forced to a plain sum followed by
-    the division (`set_force_sum_reduction_for_comms`). torch 2.7 only has
+    the division (`set_force_sum_reduction_for_comms`); not for a one-rank group, which
+    communicates nothing: torch 2.13 would then divide twice (its one-rank copy divides by the
+    factor, and the forced-sum path divides again after it). torch 2.7 only has
     `set_reduce_scatter_divide_factor`, which always builds NCCL's PreMulSum: CUDA only there
     (a one-rank group communicates nothing, so any device works)."""
     setter = getattr(module, "set_gradient_divide_factor", None)
     if setter is not None:
         setter(float(factor))
-        if device_type != "cuda":
+        if device_type != "cuda" and group_size > 1:
             module.set_force_sum_reduction_for_comms(True)
         return
     if device_type != "cuda" and group_size > 1:

@@ -57,7 +57,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_mpipemoe import collectives, fsdp
+from lightning_mpipemoe import collectives, dcp_checkpoint, fsdp
 from lightning_mpipemoe.atomic_dir import commit_directory, new_token, remove_stale, temporary_directory
 from lightning_mpipemoe.checkpointing import (
     DEFAULT_CHECKPOINT_TIMEOUT,
@@ -90,10 +90,6 @@ from lightning_mpipemoe.moe_metrics import moe_step_metrics
 __all__ = ["MPipeMoEStrategy"]
 
 _LOG_LEVELS = ("layer", "expert", "off")
-_FSDP_CHECKPOINTS = (
-    "MPipeMoEStrategy(sharding='fsdp') does not save or load checkpoints yet (torch.distributed.checkpoint support "
-    "is planned); use sharding='ddp' for runs that checkpoint"
-)
 
 
 def _check_precision(plugin: Precision) -> None:
@@ -535,8 +531,15 @@ class MPipeMoEStrategy(DDPStrategy):
                 )
         return out
 
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return self._fsdp is None  # FSDP: restored with the model in `load_checkpoint` (DCP)
+
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._fsdp is not None:
+            return {}  # saved by DCP from the sharded module (`dcp_checkpoint.save`)
         return self._relayout(super().lightning_module_state_dict(), to_checkpoint=True)
 
     def _relayout_optimizer(self, named: dict[str, Any], to_checkpoint: bool) -> dict[str, Any]:
@@ -558,6 +561,8 @@ class MPipeMoEStrategy(DDPStrategy):
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """Name-keyed optimizer state (`checkpointing.optimizer_state_by_name`)."""
+        if self._fsdp is not None:
+            return {}  # saved by DCP (`dcp_checkpoint.save`)
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
         return self._relayout_optimizer(optimizer_state_by_name(optimizer, self._param_names()), to_checkpoint=True)
@@ -580,8 +585,8 @@ class MPipeMoEStrategy(DDPStrategy):
         """Collective: the checkpoint directory (`checkpointing.py`), written atomically."""
         if storage_options is not None:
             raise TypeError("MPipeMoEStrategy.save_checkpoint does not take storage_options")
-        if self._sharding == "fsdp":
-            raise NotImplementedError(_FSDP_CHECKPOINTS)
+        if self._fsdp is not None:
+            return dcp_checkpoint.save(self, checkpoint, Path(filepath))
         if self._groups is None:
             raise RuntimeError(
                 "MPipeMoEStrategy saves checkpoints from the training processes (e.g. ModelCheckpoint or a callback); "
@@ -615,8 +620,8 @@ class MPipeMoEStrategy(DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        if self._sharding == "fsdp":
-            raise NotImplementedError(_FSDP_CHECKPOINTS)
+        if self._fsdp is not None:  # loads model and optimizer state here (DCP), returns the rest
+            return dcp_checkpoint.load(self, Path(checkpoint_path))
         path = Path(self.broadcast(str(checkpoint_path)))
         groups = self.moe_groups
         checkpoint = read_checkpoint(path, groups.ep_size, groups.ep_rank, self.checkpoint_io, weights_only)
@@ -631,9 +636,10 @@ class MPipeMoEStrategy(DDPStrategy):
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if self._packed_keys:
+        if self._packed_keys and self._fsdp is None:
             checkpoint = {**checkpoint, "state_dict": self._relayout(checkpoint["state_dict"], to_checkpoint=False)}
-        super().load_model_state_dict(checkpoint, strict=strict)
+        if self._fsdp is None:  # FSDP: loaded in `load_checkpoint` (DCP)
+            super().load_model_state_dict(checkpoint, strict=strict)
         saved = dict(checkpoint.get(SECTION, {}).get("executor_state", {}))
         for name, view in self.moe_executors.items():
             load_executor_state(view, saved.pop(name, {}), name)

@@ -18,6 +18,7 @@ for the experts.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from datetime import timedelta
@@ -37,6 +38,7 @@ from lightning_mpipemoe.hf_models.lightning_modules import MoECausalLMModule
 from lightning_mpipemoe.memory_plan import count_model, meta_model, plan_rank
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
 from tests.hf_tiny import VOCAB, tiny_model
+from tests.strategy_models import SaveAt
 
 TOL = 1e-5
 FAMILY = "qwen2_moe"
@@ -46,15 +48,18 @@ STEPS = 5
 LR = 1e-3
 WEIGHT_DECAY = 0.1
 CLIP = 4.5
+#: Epochs of 3 steps: the step-3 checkpoint is at an epoch boundary (Lightning restarts a plain
+#: dataloader from its first batch when resuming mid-epoch).
+STEPS_PER_EPOCH = 3
 TIMEOUT = timedelta(seconds=120)
 
 
 class TokenData(Dataset):
-    """GLOBAL_BATCH x STEPS fixed sequences (labels = inputs: HF shifts them)."""
+    """GLOBAL_BATCH x STEPS_PER_EPOCH fixed sequences (labels = inputs: HF shifts them)."""
 
     def __init__(self) -> None:
         generator = torch.Generator().manual_seed(7)
-        self.ids = torch.randint(2, VOCAB, (GLOBAL_BATCH * STEPS, SEQ), generator=generator)
+        self.ids = torch.randint(2, VOCAB, (GLOBAL_BATCH * STEPS_PER_EPOCH, SEQ), generator=generator)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -64,11 +69,12 @@ class TokenData(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     def rank_batch(self, step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        """What `rank` trains on at `step` (epoch 0): Lightning's training sampler is
+        """What `rank` trains on at `step`: Lightning's training sampler is
         `DistributedSampler(shuffle=True, seed=0)`, one `randperm(n)` seeded with the epoch, rank r
         of W taking positions r, r+W, ... of it."""
         per_rank = GLOBAL_BATCH // world
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))
+        epoch, step = divmod(step, STEPS_PER_EPOCH)
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(epoch))
         index = [int(order[rank + world * (step * per_rank + j)]) for j in range(per_rank)]
         return {k: torch.stack([self[i][k] for i in index]) for k in ("input_ids", "attention_mask", "labels")}
 
@@ -112,8 +118,10 @@ class Record(Callback):
         (self.root / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def reference(world: int) -> dict:
-    """One process, unmodified HF model: per-rank losses per step, final state, clip norms."""
+@functools.cache
+def reference(worlds: tuple[int, ...]) -> dict:
+    """One process, unmodified HF model, step s split as `worlds[s]` ranks would split it:
+    per-rank losses per step, final state, clip norms."""
     model = tiny_model(FAMILY)
     model.train()
     decay, no_decay = [], []
@@ -126,7 +134,7 @@ def reference(world: int) -> dict:
     )
     data = TokenData()
     losses, norms = [], []
-    for step in range(STEPS):
+    for step, world in enumerate(worlds):
         per_rank = [model(**data.rank_batch(step, r, world), output_router_logits=True).loss for r in range(world)]
         (sum(per_rank) / world).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
@@ -137,8 +145,8 @@ def reference(world: int) -> dict:
     return {"losses": losses, "norms": norms, "state": state}
 
 
-def _fit(world: int, module: pl.LightningModule, root: Path) -> list[dict]:
-    strategy = MPipeMoEStrategy(expert_parallel_size=2, sharding="fsdp", start_method="spawn", timeout=TIMEOUT)
+def _fit(world: int, module: pl.LightningModule, root: Path, ep: int = 2, callbacks=(), **fit_kwargs) -> list[dict]:
+    strategy = MPipeMoEStrategy(expert_parallel_size=ep, sharding="fsdp", start_method="spawn", timeout=TIMEOUT)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world,
@@ -150,20 +158,25 @@ def _fit(world: int, module: pl.LightningModule, root: Path) -> list[dict]:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=root,
-        callbacks=[Record(root)],
+        callbacks=[Record(root), *callbacks],
     )
-    trainer.fit(module, DataLoader(TokenData(), batch_size=GLOBAL_BATCH // world, shuffle=False))
+    trainer.fit(module, DataLoader(TokenData(), batch_size=GLOBAL_BATCH // world, shuffle=False), **fit_kwargs)
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def _check_against_reference(world: int, records: list[dict], state: dict) -> None:
-    ref = reference(world)
+def _check_against_reference(worlds: tuple[int, ...], records: list[dict], state: dict, first_step: int = 0) -> None:
+    """`records` (one per rank) hold the losses of steps first_step.. of the reference split by `worlds`."""
+    ref = reference(worlds)
     clipped = [n > CLIP for n in ref["norms"]]
     assert any(clipped) and not all(clipped), f"CLIP={CLIP} should clip some steps only; norms {ref['norms']}"
     for rank, record in enumerate(records):
         got = record["losses"]
-        expected = [ref["losses"][s][rank] for s in range(STEPS)]
-        assert len(got) == STEPS and all(abs(a - b) <= TOL for a, b in zip(got, expected)), (rank, got, expected)
+        expected = [ref["losses"][s][rank] for s in range(first_step, STEPS)]
+        assert len(got) == len(expected) and all(abs(a - b) <= TOL for a, b in zip(got, expected)), (
+            rank,
+            got,
+            expected,
+        )
     assert set(state) == set(ref["state"]), sorted(set(state) ^ set(ref["state"]))
     moved = 0.0
     for key, value in ref["state"].items():
@@ -194,14 +207,22 @@ def test_fsdp_ep2_matches_single_process(tmp_path):
     """2 processes, EP 2 (expert-dp 1: the experts' FSDP group is one rank), model in `__init__`."""
     module = MoECausalLMModule(tiny_model(FAMILY), **hparams())
     records = _fit(2, module, tmp_path)
-    _check_against_reference(2, records, module.state_dict())
+    _check_against_reference((2,) * STEPS, records, module.state_dict())
 
 
-def test_fsdp_ep2_dp2_matches_single_process_and_shards_state(tmp_path):
-    """4 processes, EP 2 x expert-dp 2, model built in `configure_model`; per-rank state bytes."""
+@pytest.fixture(scope="module")
+def dp2_run(tmp_path_factory):
+    """4 processes, EP 2 x expert-dp 2, model built in `configure_model`; a DCP checkpoint after step 3."""
+    root = tmp_path_factory.mktemp("fsdp_dp2")
     module = BuiltInConfigureModel()
-    records = _fit(4, module, tmp_path)
-    _check_against_reference(4, records, module.state_dict())
+    records = _fit(4, module, root, callbacks=[SaveAt({3: root / "step3.ckpt"})])
+    return root, records, module.state_dict()
+
+
+def test_fsdp_ep2_dp2_matches_single_process_and_shards_state(dp2_run):
+    """4 processes, EP 2 x expert-dp 2, model built in `configure_model`; per-rank state bytes."""
+    _, records, state = dp2_run
+    _check_against_reference((4,) * STEPS, records, state)
     # Full model state under AdamW in fp32: weights + gradients + two moments = 4 copies.
     full = tiny_model(FAMILY)
     expert_keys = {k for k in full.state_dict() if ".mlp.experts." in k}
@@ -241,3 +262,22 @@ def test_bf16_policies():
         warnings.simplefilter("error")
         warn_bf16_true(HalfPrecision("bf16-true"), [torch.optim.AdamW([weights], lr=1e-3)])
         warn_bf16_true(MixedPrecision("bf16-mixed", "cpu"), [torch.optim.AdamW([weights], lr=1e-5)])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_dcp_checkpoint_resumes_at_another_world_size(dp2_run, tmp_path):
+    """The step-3 checkpoint of the 4-process run (EP 2 x expert-dp 2), resumed on 2 processes
+    (EP 2): DCP reshards dense state 4 -> 2 ways and experts 2 -> 1 ways per EP rank; steps 4
+    and 5 give the losses and final weights of single-process training on the same global
+    batches. Each rank wrote only its shards: one DCP file per rank, no full copy."""
+    root = dp2_run[0]
+    checkpoint = root / "step3.ckpt"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp", "meta.pt",
+    ]  # fmt: skip
+    assert not list(root.glob(".step3.ckpt.tmp-*"))
+    module = MoECausalLMModule(tiny_model(FAMILY, seed=1), **hparams())  # other weights: all must come from the file
+    records = _fit(2, module, tmp_path, ckpt_path=checkpoint)
+    _check_against_reference((4, 4, 4, 2, 2), records, module.state_dict(), first_step=3)
