@@ -145,7 +145,10 @@ def reference(worlds: tuple[int, ...]) -> dict:
     return {"losses": losses, "norms": norms, "state": state}
 
 
-def _fit(world: int, module: pl.LightningModule, root: Path, ep: int = 2, callbacks=(), **fit_kwargs) -> list[dict]:
+def _fit(
+    world: int, module: pl.LightningModule, root: Path, ep: int = 2, callbacks=(), batch_size=None,
+    accumulate_grad_batches: int = 1, **fit_kwargs,
+) -> list[dict]:  # fmt: skip
     strategy = MPipeMoEStrategy(expert_parallel_size=ep, sharding="fsdp", start_method="spawn", timeout=TIMEOUT)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -159,8 +162,10 @@ def _fit(world: int, module: pl.LightningModule, root: Path, ep: int = 2, callba
         enable_model_summary=False,
         default_root_dir=root,
         callbacks=[Record(root), *callbacks],
+        accumulate_grad_batches=accumulate_grad_batches,
     )
-    trainer.fit(module, DataLoader(TokenData(), batch_size=GLOBAL_BATCH // world, shuffle=False), **fit_kwargs)
+    batch_size = batch_size or GLOBAL_BATCH // world
+    trainer.fit(module, DataLoader(TokenData(), batch_size=batch_size, shuffle=False), **fit_kwargs)
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -203,11 +208,16 @@ def test_sharding_argument_and_registry():
 # ----------------------------------------------------------------------------- distributed runs
 
 
-def test_fsdp_ep2_matches_single_process(tmp_path):
-    """2 processes, EP 2 (expert-dp 1: the experts' FSDP group is one rank), model in `__init__`."""
+def test_fsdp_ep2_with_accumulation_matches_single_process(tmp_path):
+    """2 processes, EP 2 (expert-dp 1: the experts' FSDP group is one rank), model in `__init__`,
+    2 micro-batches of 1 sequence per step (`accumulate_grad_batches=2`: the first backward
+    runs with FSDP's gradient sync off). Rank r's micro-batch m holds the sequence that rank
+    2m + r of 4 gets without accumulation, so the reference is the 4-way split."""
     module = MoECausalLMModule(tiny_model(FAMILY), **hparams())
-    records = _fit(2, module, tmp_path)
-    _check_against_reference((2,) * STEPS, records, module.state_dict())
+    records = _fit(2, module, tmp_path, batch_size=1, accumulate_grad_batches=2)
+    # Lightning reports each micro-batch's loss divided by the accumulation factor.
+    virtual = [{"losses": [2 * x for x in r["losses"][m::2]]} for m in range(2) for r in records]
+    _check_against_reference((4,) * STEPS, virtual, module.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +291,10 @@ def test_dcp_checkpoint_resumes_at_another_world_size(dp2_run, tmp_path):
     module = MoECausalLMModule(tiny_model(FAMILY, seed=1), **hparams())  # other weights: all must come from the file
     records = _fit(2, module, tmp_path, ckpt_path=checkpoint)
     _check_against_reference((4, 4, 4, 2, 2), records, module.state_dict(), first_step=3)
+
+
+def test_dcp_checkpoint_resumes_at_another_ep_size(dp2_run, tmp_path):
+    """The same checkpoint on 4 processes at EP 4 (2 experts per rank, expert-dp 1): DCP cuts
+    the global expert tensors anew; steps 4 and 5 match single-process training."""
+    records = _fit(4, module := BuiltInConfigureModel(), tmp_path, ep=4, ckpt_path=dp2_run[0] / "step3.ckpt")
+    _check_against_reference((4,) * STEPS, records, module.state_dict(), first_step=3)
