@@ -94,6 +94,14 @@ class BuiltInConfigureModel(MoECausalLMModule):
             self.model = tiny_model(FAMILY)
 
 
+class CheckpointedLayers(MoECausalLMModule):
+    """Hugging Face's activation checkpointing, switched on in the workers (its input hook
+    does not pickle, so not before the spawn)."""
+
+    def configure_model(self) -> None:
+        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 class Record(Callback):
     """Each rank's loss per step, and at the end the bytes it holds (dense / experts)."""
 
@@ -114,6 +122,7 @@ class Record(Callback):
             "losses": self.losses,
             "dense_bytes": local_state_bytes(dense, strategy.optimizers),
             "expert_bytes": local_state_bytes(experts, strategy.optimizers),
+            "checkpointing": bool(getattr(pl_module.model, "is_gradient_checkpointing", False)),
         }
         (self.root / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
@@ -147,9 +156,11 @@ def reference(worlds: tuple[int, ...]) -> dict:
 
 def _fit(
     world: int, module: pl.LightningModule, root: Path, ep: int = 2, callbacks=(), batch_size=None,
-    accumulate_grad_batches: int = 1, **fit_kwargs,
+    accumulate_grad_batches: int = 1, strategy_kwargs=None, **fit_kwargs,
 ) -> list[dict]:  # fmt: skip
-    strategy = MPipeMoEStrategy(expert_parallel_size=ep, sharding="fsdp", start_method="spawn", timeout=TIMEOUT)
+    strategy = MPipeMoEStrategy(
+        expert_parallel_size=ep, sharding="fsdp", start_method="spawn", timeout=TIMEOUT, **(strategy_kwargs or {})
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world,
@@ -211,10 +222,12 @@ def test_sharding_argument_and_registry():
 def test_fsdp_ep2_with_accumulation_matches_single_process(tmp_path):
     """2 processes, EP 2 (expert-dp 1: the experts' FSDP group is one rank), model in `__init__`,
     2 micro-batches of 1 sequence per step (`accumulate_grad_batches=2`: the first backward
-    runs with FSDP's gradient sync off). Rank r's micro-batch m holds the sequence that rank
-    2m + r of 4 gets without accumulation, so the reference is the 4-way split."""
-    module = MoECausalLMModule(tiny_model(FAMILY), **hparams())
+    runs with FSDP's gradient sync off), and Hugging Face's activation checkpointing on (each
+    decoder layer, an FSDP unit, recomputed in backward). Rank r's micro-batch m holds the
+    sequence that rank 2m + r of 4 gets without accumulation, so the reference is the 4-way split."""
+    module = CheckpointedLayers(tiny_model(FAMILY), **hparams())
     records = _fit(2, module, tmp_path, batch_size=1, accumulate_grad_batches=2)
+    assert all(r["checkpointing"] for r in records)
     # Lightning reports each micro-batch's loss divided by the accumulation factor.
     virtual = [{"losses": [2 * x for x in r["losses"][m::2]]} for m in range(2) for r in records]
     _check_against_reference((4,) * STEPS, virtual, module.state_dict())
@@ -222,10 +235,13 @@ def test_fsdp_ep2_with_accumulation_matches_single_process(tmp_path):
 
 @pytest.fixture(scope="module")
 def dp2_run(tmp_path_factory):
-    """4 processes, EP 2 x expert-dp 2, model built in `configure_model`; a DCP checkpoint after step 3."""
+    """4 processes, EP 2 x expert-dp 2, model built in `configure_model`, the pipelined executor
+    (2 micro-partitions, buffers restored by re-communication and recomputation: s4) inside
+    FSDP's unshard / reshard of the experts; a DCP checkpoint after step 3."""
     root = tmp_path_factory.mktemp("fsdp_dp2")
     module = BuiltInConfigureModel()
-    records = _fit(4, module, root, callbacks=[SaveAt({3: root / "step3.ckpt"})])
+    pipelined = {"granularity": 2, "restore": "s4"}
+    records = _fit(4, module, root, callbacks=[SaveAt({3: root / "step3.ckpt"})], strategy_kwargs=pipelined)
     return root, records, module.state_dict()
 
 
