@@ -236,18 +236,19 @@ def _set_divide_factor(module: nn.Module, factor: float, device_type: str, group
     communicates nothing: torch 2.13 would then divide twice (its one-rank copy divides by the
     factor, and the forced-sum path divides again after it). torch 2.7 only has
     `set_reduce_scatter_divide_factor`, which always builds NCCL's PreMulSum: CUDA only there
-    (a one-rank group communicates nothing, so any device works)."""
+    (gloo rejects it on a group of several ranks, and ignores it on a one-rank group: the
+    experts' gradients came out ep times too large, measured under torch 2.7)."""
     setter = getattr(module, "set_gradient_divide_factor", None)
     if setter is not None:
         setter(float(factor))
         if device_type != "cuda" and group_size > 1:
             module.set_force_sum_reduction_for_comms(True)
         return
-    if device_type != "cuda" and group_size > 1:
+    if device_type != "cuda":
         raise RuntimeError(
-            f"sharding='fsdp' with expert-data-parallel size {group_size} on {device_type!r} needs torch >= 2.8 "
-            f"(torch {torch.__version__}'s FSDP2 divides the expert gradients by a custom factor with NCCL's PreMulSum "
-            "only); use CUDA devices, expert_parallel_size = world size, or a newer torch"
+            f"sharding='fsdp' on {device_type!r} devices needs torch >= 2.8 (FSDPModule.set_gradient_divide_factor): "
+            f"torch {torch.__version__}'s FSDP2 divides the expert gradients by a custom factor with NCCL's PreMulSum "
+            "only; use CUDA devices, sharding='ddp', or a newer torch"
         )
     module.set_reduce_scatter_divide_factor(float(factor))
 

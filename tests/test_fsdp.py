@@ -31,9 +31,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import StrategyRegistry
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_mpipemoe.fsdp import local_state_bytes, mixed_precision_policy, warn_bf16_true
+from lightning_mpipemoe.fsdp import _set_divide_factor, local_state_bytes, mixed_precision_policy, warn_bf16_true
 from lightning_mpipemoe.hf_models.lightning_modules import MoECausalLMModule
 from lightning_mpipemoe.memory_plan import count_model, meta_model, plan_rank
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
@@ -52,6 +53,12 @@ CLIP = 4.5
 #: dataloader from its first batch when resuming mid-epoch).
 STEPS_PER_EPOCH = 3
 TIMEOUT = timedelta(seconds=120)
+#: torch 2.7's FSDP2 has no gloo-capable custom gradient divide factor (`fsdp._set_divide_factor`
+#: raises there, tested below); the CPU runs need torch >= 2.8.
+needs_divide_factor = pytest.mark.skipif(
+    not hasattr(FSDPModule, "set_gradient_divide_factor"),
+    reason=f"torch {torch.__version__}: FSDP2 divides by a custom factor on NCCL only (CUDA)",
+)
 
 
 class TokenData(Dataset):
@@ -219,6 +226,7 @@ def test_sharding_argument_and_registry():
 # ----------------------------------------------------------------------------- distributed runs
 
 
+@needs_divide_factor
 def test_fsdp_ep2_with_accumulation_matches_single_process(tmp_path):
     """2 processes, EP 2 (expert-dp 1: the experts' FSDP group is one rank), model in `__init__`,
     2 micro-batches of 1 sequence per step (`accumulate_grad_batches=2`: the first backward
@@ -245,6 +253,7 @@ def dp2_run(tmp_path_factory):
     return root, records, module.state_dict()
 
 
+@needs_divide_factor
 def test_fsdp_ep2_dp2_matches_single_process_and_shards_state(dp2_run):
     """4 processes, EP 2 x expert-dp 2, model built in `configure_model`; per-rank state bytes."""
     _, records, state = dp2_run
@@ -274,6 +283,20 @@ def test_fsdp_ep2_dp2_matches_single_process_and_shards_state(dp2_run):
         )
 
 
+def test_divide_factor_without_the_torch_2_8_api_refuses_cpu():
+    """torch 2.7's FSDPModule has only `set_reduce_scatter_divide_factor` (NCCL's PreMulSum)."""
+
+    class Torch27Module:
+        def set_reduce_scatter_divide_factor(self, factor: float) -> None:
+            self.factor = factor
+
+    with pytest.raises(RuntimeError, match=r"sharding='fsdp' on 'cpu' devices needs torch >= 2.8"):
+        _set_divide_factor(Torch27Module(), 4, "cpu", 2)
+    module = Torch27Module()
+    _set_divide_factor(module, 4, "cuda", 2)
+    assert module.factor == 4.0
+
+
 def test_bf16_policies():
     """bf16-mixed: fp32 master weights with bf16 compute and fp32 reduction; bf16-true warns
     when an lr-sized update is below half a bf16 ulp of the weights."""
@@ -293,6 +316,7 @@ def test_bf16_policies():
 # ----------------------------------------------------------------------------- checkpoints
 
 
+@needs_divide_factor
 def test_dcp_checkpoint_resumes_at_another_world_size(dp2_run, tmp_path):
     """The step-3 checkpoint of the 4-process run (EP 2 x expert-dp 2), resumed on 2 processes
     (EP 2): DCP reshards dense state 4 -> 2 ways and experts 2 -> 1 ways per EP rank; steps 4
@@ -309,6 +333,7 @@ def test_dcp_checkpoint_resumes_at_another_world_size(dp2_run, tmp_path):
     _check_against_reference((4, 4, 4, 2, 2), records, module.state_dict(), first_step=3)
 
 
+@needs_divide_factor
 def test_dcp_checkpoint_resumes_at_another_ep_size(dp2_run, tmp_path):
     """The same checkpoint on 4 processes at EP 4 (2 experts per rank, expert-dp 1): DCP cuts
     the global expert tensors anew; steps 4 and 5 match single-process training."""
