@@ -339,3 +339,45 @@ def test_dcp_checkpoint_resumes_at_another_ep_size(dp2_run, tmp_path):
     the global expert tensors anew; steps 4 and 5 match single-process training."""
     records = _fit(4, module := BuiltInConfigureModel(), tmp_path, ep=4, ckpt_path=dp2_run[0] / "step3.ckpt")
     _check_against_reference((4,) * STEPS, records, module.state_dict(), first_step=3)
+
+
+def test_dcp_save_interrupted_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """One process (no process group: DCP and the barriers run locally): a save that dies after
+    some shards are written leaves only a temporary directory; `path` still holds the previous
+    checkpoint, which loads. (The 4-process runs above check the multi-rank files.)"""
+    import types
+
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_mpipemoe import dcp_checkpoint
+
+    def strategy_for(module):
+        return types.SimpleNamespace(
+            lightning_module=module, optimizers=[torch.optim.SGD(module.parameters(), lr=0.1)], _expert_keys={},
+            _fsdp=types.SimpleNamespace(expert_mesh=None), _checkpoint_group=None, is_global_zero=True,
+            broadcast=lambda obj: obj, _executor_state=dict,
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    saved = strategy_for(torch.nn.Linear(4, 3))
+    path = tmp_path / "latest.ckpt"
+    dcp_checkpoint.save(saved, {"global_step": 1}, path)
+    expected = {k: v.clone() for k, v in saved.lightning_module.state_dict().items()}
+
+    real_save = dcp.save
+
+    def dies_half_way(state, checkpoint_id, **kwargs):
+        real_save(state, checkpoint_id=checkpoint_id, **kwargs)  # the shards are on disk ...
+        raise KeyboardInterrupt("killed before the commit")  # ... the rename never comes
+
+    monkeypatch.setattr(dcp, "save", dies_half_way)
+    with torch.no_grad():
+        saved.lightning_module.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        dcp_checkpoint.save(saved, {"global_step": 2}, path)
+    assert len(list(tmp_path.glob(".latest.ckpt.tmp-*"))) == 1
+    fresh = strategy_for(torch.nn.Linear(4, 3))
+    meta = dcp_checkpoint.load(fresh, path)
+    assert meta["global_step"] == 1
+    for key, value in expected.items():
+        torch.testing.assert_close(fresh.lightning_module.state_dict()[key], value, atol=0, rtol=0)
