@@ -62,6 +62,7 @@ __all__ = [
     "SHARDINGS",
     "FSDPLayout",
     "build_meshes",
+    "check_shardable",
     "clip_grad_norm_",
     "full_state_dict",
     "local_tensor",
@@ -168,19 +169,9 @@ def _owners(module: nn.Module, expert_keys: Iterable[str]) -> dict[str, nn.Modul
     return owners
 
 
-def shard_model(
-    module: nn.Module,
-    expert_keys: Mapping[str, int],
-    groups: MoEProcessGroups,
-    device_type: str,
-    mp_policy: Any = None,
-) -> FSDPLayout:
-    """`fully_shard` the (EP-sharded) `module` in place: experts over `expert_dp`, the rest over
-    the world (see the module docstring for the order and the divide factor)."""
-    _, _, fully_shard = _fsdp()
-    dense_mesh, expert_mesh = build_meshes(groups, device_type)
-    layout = FSDPLayout(dense_mesh, expert_mesh, groups)
-    kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
+def check_shardable(module: nn.Module, expert_keys: Iterable[str]) -> dict[str, nn.Module]:
+    """Raise a ValueError for what `shard_model` cannot shard (call before any collective);
+    returns the modules that own expert parameters."""
     if any(True for _ in module.parameters(recurse=False)):
         raise ValueError(
             f"sharding='fsdp': {type(module).__name__} holds parameters directly "
@@ -192,8 +183,23 @@ def shard_model(
             f"sharding='fsdp' does not materialise meta-device parameters yet (e.g. {meta[:3]}); build the model "
             "on the CPU or the device in configure_model"
         )
-    expert_keys = set(expert_keys)
-    owners = _owners(module, expert_keys)
+    return _owners(module, set(expert_keys))
+
+
+def shard_model(
+    module: nn.Module,
+    expert_keys: Mapping[str, int],
+    groups: MoEProcessGroups,
+    device_type: str,
+    mp_policy: Any = None,
+) -> FSDPLayout:
+    """`fully_shard` the (EP-sharded) `module` in place: experts over `expert_dp`, the rest over
+    the world (see the module docstring for the order and the divide factor)."""
+    _, _, fully_shard = _fsdp()
+    owners = check_shardable(module, expert_keys)
+    dense_mesh, expert_mesh = build_meshes(groups, device_type)
+    layout = FSDPLayout(dense_mesh, expert_mesh, groups)
+    kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
 
     def shard(sub: nn.Module, mesh: DeviceMesh) -> None:
         fully_shard(sub, mesh=mesh, **kwargs)
@@ -318,6 +324,7 @@ def setup_strategy(strategy: Any, trainer: Any) -> FSDPLayout:
     strategy.precision_plugin.convert_module(module)
     strategy.model_to_device()
     groups = strategy.moe_groups
+    check_shardable(module, strategy._expert_keys)  # before the broadcasts
     sync_dense_state(module, strategy._expert_keys, groups)
     layout = shard_model(
         module,

@@ -381,3 +381,37 @@ def test_dcp_save_interrupted_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert meta["global_step"] == 1
     for key, value in expected.items():
         torch.testing.assert_close(fresh.lightning_module.state_dict()[key], value, atol=0, rtol=0)
+
+
+def test_unshardable_models_are_refused_by_name():
+    """Raised in setup before any collective: what FSDP over two meshes cannot shard."""
+    from lightning_mpipemoe.fsdp import check_shardable
+
+    class Direct(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+    with pytest.raises(ValueError, match=r"Direct holds parameters directly \(\['scale'\]\)"):
+        check_shardable(Direct(), {})
+    mixed = torch.nn.Module()
+    mixed.moe = torch.nn.Module()
+    mixed.moe.w_EHD = torch.nn.Parameter(torch.ones(4, 2, 2))
+    mixed.moe.bias = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"module 'moe' holds expert parameters and the dense parameters \['bias'\]"):
+        check_shardable(mixed, {"moe.w_EHD": 4})
+    with torch.device("meta"):
+        lazy = torch.nn.Module()
+        lazy.body = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="does not materialise meta-device parameters yet"):
+        check_shardable(lazy, {})
+    owners = check_shardable(_only_experts(), {"moe.w_EHD": 4})
+    assert list(owners) == ["moe"]
+
+
+def _only_experts() -> torch.nn.Module:
+    module = torch.nn.Module()
+    module.moe = torch.nn.Module()
+    module.moe.w_EHD = torch.nn.Parameter(torch.ones(4, 2, 2))
+    module.moe.router = torch.nn.Linear(2, 4)  # dense, in a child: sharded over the world
+    return module
