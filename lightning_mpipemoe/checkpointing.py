@@ -474,6 +474,7 @@ def gather_full_state_dict(
     groups: MoEProcessGroups,
     dst_ep_rank: int = 0,
     device: torch.device | None = None,
+    local: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """Collective over `groups.ep`: `module`'s state dict with every expert (concatenated in
     EP-rank order) on EP rank `dst_ep_rank`; None on the other ranks. `device`: where the
@@ -481,8 +482,10 @@ def gather_full_state_dict(
 
     The whole model in one process (the spawn launcher hands it to the main process; tests):
     the experts travel one parameter at a time and land on the CPU at once, so the device
-    holds one gathered parameter at most. Exports do not gather (`hf_models.export_pretrained`)."""
-    local = {k: v.detach() for k, v in module.state_dict().items()}
+    holds one gathered parameter at most. Exports do not gather (`hf_models.export_pretrained`).
+    `local`: this rank's state dict to use instead of `module.state_dict()` (FSDP: its DTensors
+    gathered over their meshes, `fsdp.full_state_dict`)."""
+    local = {k: v.detach() for k, v in (module.state_dict() if local is None else local).items()}
     if groups.ep_size == 1 or not expert_keys:
         return local
     mine = groups.ep_rank == dst_ep_rank

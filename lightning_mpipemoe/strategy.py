@@ -30,7 +30,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -58,7 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_mpipemoe import collectives
+from lightning_mpipemoe import collectives, dcp_checkpoint, fsdp
 from lightning_mpipemoe.atomic_dir import commit_directory, new_token, remove_stale, temporary_directory
 from lightning_mpipemoe.checkpointing import (
     DEFAULT_CHECKPOINT_TIMEOUT,
@@ -139,6 +140,9 @@ class MPipeMoEStrategy(DDPStrategy):
             one bucket at a time (default: in the gradients' own dtype, in place).
         start_method: "popen" (scripts, torchrun, SLURM; registered as "mpipemoe") or "spawn"
             (registered as "mpipemoe_spawn").
+        sharding: "ddp" (replicated dense part, DDP) or "fsdp" (FSDP2: dense part sharded over
+            all ranks, experts over the expert-dp ranks; `fsdp.py`; registered as
+            "mpipemoe_fsdp" and "mpipemoe_fsdp_spawn").
         **kwargs: DDPStrategy's arguments (`find_unused_parameters`, `static_graph`, comm
             hooks, ...), passed on to `DistributedDataParallel`.
     """
@@ -166,8 +170,16 @@ class MPipeMoEStrategy(DDPStrategy):
         model_averaging_period: Optional[int] = None,
         process_group_backend: Optional[str] = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        sharding: Literal["ddp", "fsdp"] = "ddp",
         **kwargs: Any,
     ) -> None:
+        if sharding not in fsdp.SHARDINGS:
+            raise ValueError(f"sharding must be one of {fsdp.SHARDINGS}, got {sharding!r}")
+        if sharding == "fsdp" and (ddp_comm_state, ddp_comm_hook, ddp_comm_wrapper, kwargs) != (None, None, None, {}):
+            raise ValueError(
+                "sharding='fsdp' does not take DDP's arguments (ddp_comm_state / ddp_comm_hook / ddp_comm_wrapper / "
+                f"DistributedDataParallel kwargs {sorted(kwargs)}): FSDP2 does the gradient reduction"
+            )
         ep = expert_parallel_size
         if ep is not None and (isinstance(ep, bool) or not isinstance(ep, int) or ep < 1):
             raise ValueError(f"expert_parallel_size must be a positive int (or None), got {expert_parallel_size!r}")
@@ -215,6 +227,8 @@ class MPipeMoEStrategy(DDPStrategy):
         self._checkpoint_timeout = checkpoint_timeout
         self._checkpoint_group = None
         self._last_aux_loss: Any = None
+        self._sharding = sharding
+        self._fsdp: fsdp.FSDPLayout | None = None
 
     # ------------------------------------------------------------------------------ properties
 
@@ -303,6 +317,11 @@ class MPipeMoEStrategy(DDPStrategy):
     def setup(self, trainer: "pl.Trainer") -> None:
         assert self.lightning_module is not None
         self._prepare_moe(self.lightning_module)
+        if self._sharding == "fsdp":
+            self._fsdp = fsdp.setup_strategy(self, trainer)
+            if self._expert_keys:
+                self.precision_plugin.clip_grad_by_norm = partial(self._clip_grad_by_norm, self.precision_plugin)
+            return
         super().setup(trainer)
         named = dict(self.lightning_module.named_parameters())
         self._expert_params = [named[k] for k in sorted(self._expert_keys) if named[k].requires_grad]
@@ -412,9 +431,25 @@ class MPipeMoEStrategy(DDPStrategy):
         if self._grad_reducer is not None:
             self._grad_reducer.finish()  # waits for the buckets started during backward
 
+    @override
+    @contextmanager
+    def block_backward_sync(self) -> Generator:
+        """Gradient accumulation without communication: DDP's `no_sync`, or FSDP2's switch."""
+        if self._fsdp is None:
+            with super().block_backward_sync():
+                yield
+            return
+        self._fsdp.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self._fsdp.set_requires_gradient_sync(True)
+
     def clip_grad_norm_(self, parameters: Iterable[nn.Parameter], max_norm: float, norm_type: float = 2.0) -> Tensor:
         """Clip by the global gradient norm (all experts of all EP ranks and the replicated part);
         returns the norm. Collective: call on every rank (manual optimization)."""
+        if self._fsdp is not None:
+            return fsdp.clip_grad_norm_(parameters, max_norm, self.moe_groups, norm_type)
         return clip_grad_norm_(parameters, max_norm, self._expert_params, self.moe_groups, norm_type)
 
     def _clip_grad_by_norm(self, plugin: Precision, optimizer: Optimizer, clip_val: float) -> None:
@@ -474,14 +509,7 @@ class MPipeMoEStrategy(DDPStrategy):
         """Bytes this rank holds for its experts: weights, gradients and optimizer state."""
         named = dict(self.lightning_module.named_parameters())
         params = [named[k] for k in self._expert_keys]
-        total = sum(p.numel() * p.element_size() for p in params)
-        total += sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-        for optimizer in self.optimizers:
-            for p in params:
-                for value in optimizer.state.get(p, {}).values():
-                    if isinstance(value, Tensor):
-                        total += value.numel() * value.element_size()
-        return total
+        return fsdp.local_state_bytes(params, self.optimizers)
 
     # --------------------------------------------------------------------------- checkpoints
 
@@ -505,8 +533,15 @@ class MPipeMoEStrategy(DDPStrategy):
                 )
         return out
 
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return self._fsdp is None  # FSDP: restored with the model in `load_checkpoint` (DCP)
+
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._fsdp is not None:
+            return {}  # saved by DCP from the sharded module (`dcp_checkpoint.save`)
         return self._relayout(super().lightning_module_state_dict(), to_checkpoint=True)
 
     def _relayout_optimizer(self, named: dict[str, Any], to_checkpoint: bool) -> dict[str, Any]:
@@ -528,6 +563,8 @@ class MPipeMoEStrategy(DDPStrategy):
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """Name-keyed optimizer state (`checkpointing.optimizer_state_by_name`)."""
+        if self._fsdp is not None:
+            return {}  # saved by DCP (`dcp_checkpoint.save`)
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
         return self._relayout_optimizer(optimizer_state_by_name(optimizer, self._param_names()), to_checkpoint=True)
@@ -550,6 +587,8 @@ class MPipeMoEStrategy(DDPStrategy):
         """Collective: the checkpoint directory (`checkpointing.py`), written atomically."""
         if storage_options is not None:
             raise TypeError("MPipeMoEStrategy.save_checkpoint does not take storage_options")
+        if self._fsdp is not None:
+            return dcp_checkpoint.save(self, checkpoint, Path(filepath))
         if self._groups is None:
             raise RuntimeError(
                 "MPipeMoEStrategy saves checkpoints from the training processes (e.g. ModelCheckpoint or a callback); "
@@ -583,6 +622,8 @@ class MPipeMoEStrategy(DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        if self._fsdp is not None:  # loads model and optimizer state here (DCP), returns the rest
+            return dcp_checkpoint.load(self, Path(checkpoint_path))
         path = Path(self.broadcast(str(checkpoint_path)))
         groups = self.moe_groups
         checkpoint = read_checkpoint(path, groups.ep_size, groups.ep_rank, self.checkpoint_io, weights_only)
@@ -597,9 +638,10 @@ class MPipeMoEStrategy(DDPStrategy):
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if self._packed_keys:
+        if self._packed_keys and self._fsdp is None:
             checkpoint = {**checkpoint, "state_dict": self._relayout(checkpoint["state_dict"], to_checkpoint=False)}
-        super().load_model_state_dict(checkpoint, strict=strict)
+        if self._fsdp is None:  # FSDP: loaded in `load_checkpoint` (DCP)
+            super().load_model_state_dict(checkpoint, strict=strict)
         saved = dict(checkpoint.get(SECTION, {}).get("executor_state", {}))
         for name, view in self.moe_executors.items():
             load_executor_state(view, saved.pop(name, {}), name)
@@ -612,7 +654,11 @@ class MPipeMoEStrategy(DDPStrategy):
         EP rank 0 of each EP group (None elsewhere). `unconverted=True` maps Hugging Face units
         back to their original keys (what an unsharded copy of the module loads)."""
         groups = self.moe_groups
-        full = gather_full_state_dict(self.lightning_module, self._expert_keys, groups, device=self.root_device)
+        # FSDP: every DTensor gathered over its mesh first (collective over the world).
+        local = fsdp.full_state_dict(self.lightning_module) if self._sharding == "fsdp" else None
+        full = gather_full_state_dict(
+            self.lightning_module, self._expert_keys, groups, device=self.root_device, local=local
+        )
         if full is None:
             return full
         for key, (num_experts, layout) in self._packed_keys.items():  # shards were joined along dim 0: redo
@@ -648,6 +694,21 @@ class MPipeMoEStrategy(DDPStrategy):
             cls,
             description="MPipeMoE expert parallelism (DDP for the rest), spawn launcher",
             start_method="spawn",
+        )
+        strategy_registry.register(
+            "mpipemoe_fsdp",
+            cls,
+            description="MPipeMoE expert parallelism with FSDP2 (dense part and expert replicas sharded), subprocess "
+            "launcher",
+            start_method="popen",
+            sharding="fsdp",
+        )
+        strategy_registry.register(
+            "mpipemoe_fsdp_spawn",
+            cls,
+            description="MPipeMoE expert parallelism with FSDP2 (dense part and expert replicas sharded), spawn launcher",
+            start_method="spawn",
+            sharding="fsdp",
         )
 
 

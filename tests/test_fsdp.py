@@ -1,0 +1,417 @@
+"""MPipeMoEStrategy(sharding="fsdp"): FSDP2 over expert parallelism, against single-process
+training (gloo, spawn).
+
+A tiny Qwen2-MoE causal LM (8 experts, top-2, shared expert, 2 layers, hidden 32) is trained
+for 5 AdamW steps with gradient clipping by norm on a global batch of 4 sequences, at 2
+processes (EP 2, model given in `__init__`) and 4 processes (EP 2 x expert-dp 2, model built
+in `configure_model`). The reference is one process running the unmodified transformers model
+on the same global batch split the same way: rank r's loss L_r is HF's loss (LM + router aux
+loss) of its sub-batch, the optimised loss (1/W) sum_r L_r. Every rank's loss at every step
+and the final parameters (handed back by the spawn launcher, consolidated) match within 1e-5.
+A wrong gradient divide factor (experts divided by expert_dp instead of the world), a clipping
+norm that double counts or misses shards, or unsynchronised replicas would show.
+
+The 4-process run also records the bytes every rank holds (parameters + gradients + AdamW
+state, its shards only): within 5% of a quarter of the full model's, for the dense part and
+for the experts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import lightning_mpipemoe  # noqa: F401  isort: skip
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.strategies import StrategyRegistry
+from torch.distributed.fsdp import FSDPModule
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_mpipemoe.fsdp import _set_divide_factor, local_state_bytes, mixed_precision_policy, warn_bf16_true
+from lightning_mpipemoe.hf_models.lightning_modules import MoECausalLMModule
+from lightning_mpipemoe.memory_plan import count_model, meta_model, plan_rank
+from lightning_mpipemoe.strategy import MPipeMoEStrategy
+from tests.hf_tiny import VOCAB, tiny_model
+from tests.strategy_models import SaveAt
+
+TOL = 1e-5
+FAMILY = "qwen2_moe"
+GLOBAL_BATCH = 4
+SEQ = 8
+STEPS = 5
+LR = 1e-3
+WEIGHT_DECAY = 0.1
+CLIP = 4.5
+#: Epochs of 3 steps: the step-3 checkpoint is at an epoch boundary (Lightning restarts a plain
+#: dataloader from its first batch when resuming mid-epoch).
+STEPS_PER_EPOCH = 3
+TIMEOUT = timedelta(seconds=120)
+#: torch 2.7's FSDP2 has no gloo-capable custom gradient divide factor (`fsdp._set_divide_factor`
+#: raises there, tested below); the CPU runs need torch >= 2.8.
+needs_divide_factor = pytest.mark.skipif(
+    not hasattr(FSDPModule, "set_gradient_divide_factor"),
+    reason=f"torch {torch.__version__}: FSDP2 divides by a custom factor on NCCL only (CUDA)",
+)
+
+
+class TokenData(Dataset):
+    """GLOBAL_BATCH x STEPS_PER_EPOCH fixed sequences (labels = inputs: HF shifts them)."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(7)
+        self.ids = torch.randint(2, VOCAB, (GLOBAL_BATCH * STEPS_PER_EPOCH, SEQ), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def rank_batch(self, step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        """What `rank` trains on at `step`: Lightning's training sampler is
+        `DistributedSampler(shuffle=True, seed=0)`, one `randperm(n)` seeded with the epoch, rank r
+        of W taking positions r, r+W, ... of it."""
+        per_rank = GLOBAL_BATCH // world
+        epoch, step = divmod(step, STEPS_PER_EPOCH)
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(epoch))
+        index = [int(order[rank + world * (step * per_rank + j)]) for j in range(per_rank)]
+        return {k: torch.stack([self[i][k] for i in index]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def hparams() -> dict:
+    return {"learning_rate": LR, "weight_decay": WEIGHT_DECAY, "log_moe_metrics": False}
+
+
+class BuiltInConfigureModel(MoECausalLMModule):
+    """The model is built in `configure_model` (on every rank, and in the main process later)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, **hparams())
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = tiny_model(FAMILY)
+
+
+class CheckpointedLayers(MoECausalLMModule):
+    """Hugging Face's activation checkpointing, switched on in the workers (its input hook
+    does not pickle, so not before the spawn)."""
+
+    def configure_model(self) -> None:
+        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+class Record(Callback):
+    """Each rank's loss per step, and at the end the bytes it holds (dense / experts)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss.detach()))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        strategy = trainer.strategy
+        named = dict(pl_module.named_parameters())
+        experts = [named[k] for k in strategy._expert_keys]
+        dense = [p for k, p in named.items() if k not in strategy._expert_keys]
+        record = {
+            "losses": self.losses,
+            "dense_bytes": local_state_bytes(dense, strategy.optimizers),
+            "expert_bytes": local_state_bytes(experts, strategy.optimizers),
+            "checkpointing": bool(getattr(pl_module.model, "is_gradient_checkpointing", False)),
+        }
+        (self.root / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@functools.cache
+def reference(worlds: tuple[int, ...]) -> dict:
+    """One process, unmodified HF model, step s split as `worlds[s]` ranks would split it:
+    per-rank losses per step, final state, clip norms."""
+    model = tiny_model(FAMILY)
+    model.train()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LR,
+        betas=(0.9, 0.95),
+    )
+    data = TokenData()
+    losses, norms = [], []
+    for step, world in enumerate(worlds):
+        per_rank = [model(**data.rank_batch(step, r, world), output_router_logits=True).loss for r in range(world)]
+        (sum(per_rank) / world).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append([float(x.detach()) for x in per_rank])
+    state = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses": losses, "norms": norms, "state": state}
+
+
+def _fit(
+    world: int, module: pl.LightningModule, root: Path, ep: int = 2, callbacks=(), batch_size=None,
+    accumulate_grad_batches: int = 1, strategy_kwargs=None, **fit_kwargs,
+) -> list[dict]:  # fmt: skip
+    strategy = MPipeMoEStrategy(
+        expert_parallel_size=ep, sharding="fsdp", start_method="spawn", timeout=TIMEOUT, **(strategy_kwargs or {})
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        max_steps=STEPS,
+        gradient_clip_val=CLIP,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[Record(root), *callbacks],
+        accumulate_grad_batches=accumulate_grad_batches,
+    )
+    batch_size = batch_size or GLOBAL_BATCH // world
+    trainer.fit(module, DataLoader(TokenData(), batch_size=batch_size, shuffle=False), **fit_kwargs)
+    return [json.loads((root / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _check_against_reference(worlds: tuple[int, ...], records: list[dict], state: dict, first_step: int = 0) -> None:
+    """`records` (one per rank) hold the losses of steps first_step.. of the reference split by `worlds`."""
+    ref = reference(worlds)
+    clipped = [n > CLIP for n in ref["norms"]]
+    assert any(clipped) and not all(clipped), f"CLIP={CLIP} should clip some steps only; norms {ref['norms']}"
+    for rank, record in enumerate(records):
+        got = record["losses"]
+        expected = [ref["losses"][s][rank] for s in range(first_step, STEPS)]
+        assert len(got) == len(expected) and all(abs(a - b) <= TOL for a, b in zip(got, expected)), (
+            rank,
+            got,
+            expected,
+        )
+    assert set(state) == set(ref["state"]), sorted(set(state) ^ set(ref["state"]))
+    moved = 0.0
+    for key, value in ref["state"].items():
+        torch.testing.assert_close(state[key], value, atol=TOL, rtol=0, msg=lambda m, key=key: f"final {key}: {m}")
+        moved = max(moved, float((value - tiny_model(FAMILY).state_dict()[key[len("model.") :]]).abs().max()))
+    assert moved > 100 * TOL, f"training barely moved the weights ({moved}); the comparison would be vacuous"
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def test_sharding_argument_and_registry():
+    with pytest.raises(ValueError, match=r"sharding must be one of \('ddp', 'fsdp'\), got 'zero3'"):
+        MPipeMoEStrategy(sharding="zero3")
+    with pytest.raises(ValueError, match="sharding='fsdp' does not take DDP's arguments"):
+        MPipeMoEStrategy(sharding="fsdp", find_unused_parameters=True)
+    assert MPipeMoEStrategy()._sharding == "ddp"
+    for name, start in (("mpipemoe_fsdp", "popen"), ("mpipemoe_fsdp_spawn", "spawn")):
+        assert StrategyRegistry[name]["init_params"] == {"start_method": start, "sharding": "fsdp"}
+        strategy = StrategyRegistry.get(name)
+        assert isinstance(strategy, MPipeMoEStrategy) and strategy._sharding == "fsdp"
+
+
+# ----------------------------------------------------------------------------- distributed runs
+
+
+@needs_divide_factor
+def test_fsdp_ep2_with_accumulation_matches_single_process(tmp_path):
+    """2 processes, EP 2 (expert-dp 1: the experts' FSDP group is one rank), model in `__init__`,
+    2 micro-batches of 1 sequence per step (`accumulate_grad_batches=2`: the first backward
+    runs with FSDP's gradient sync off), and Hugging Face's activation checkpointing on (each
+    decoder layer, an FSDP unit, recomputed in backward). Rank r's micro-batch m holds the
+    sequence that rank 2m + r of 4 gets without accumulation, so the reference is the 4-way split."""
+    module = CheckpointedLayers(tiny_model(FAMILY), **hparams())
+    records = _fit(2, module, tmp_path, batch_size=1, accumulate_grad_batches=2)
+    assert all(r["checkpointing"] for r in records)
+    # Lightning reports each micro-batch's loss divided by the accumulation factor.
+    virtual = [{"losses": [2 * x for x in r["losses"][m::2]]} for m in range(2) for r in records]
+    _check_against_reference((4,) * STEPS, virtual, module.state_dict())
+
+
+@pytest.fixture(scope="module")
+def dp2_run(tmp_path_factory):
+    """4 processes, EP 2 x expert-dp 2, model built in `configure_model`, the pipelined executor
+    (2 micro-partitions, buffers restored by re-communication and recomputation: s4) inside
+    FSDP's unshard / reshard of the experts; a DCP checkpoint after step 3."""
+    root = tmp_path_factory.mktemp("fsdp_dp2")
+    module = BuiltInConfigureModel()
+    pipelined = {"granularity": 2, "restore": "s4"}
+    records = _fit(4, module, root, callbacks=[SaveAt({3: root / "step3.ckpt"})], strategy_kwargs=pipelined)
+    return root, records, module.state_dict()
+
+
+@needs_divide_factor
+def test_fsdp_ep2_dp2_matches_single_process_and_shards_state(dp2_run):
+    """4 processes, EP 2 x expert-dp 2, model built in `configure_model`; per-rank state bytes."""
+    _, records, state = dp2_run
+    _check_against_reference((4,) * STEPS, records, state)
+    # Full model state under AdamW in fp32: weights + gradients + two moments = 4 copies.
+    full = tiny_model(FAMILY)
+    expert_keys = {k for k in full.state_dict() if ".mlp.experts." in k}
+    params = dict(full.named_parameters())
+    full_expert = 4 * sum(params[k].numel() * 4 for k in expert_keys)
+    full_dense = 4 * sum(p.numel() * 4 for k, p in params.items() if k not in expert_keys)
+    # The planner's fsdp figure (config only, meta device) for the same setting.
+    plan = plan_rank(
+        count_model(meta_model(full.config)), sharding="fsdp", world_size=4, ep_size=2, tokens_per_rank=8,
+        precision="32-true",
+    )  # fmt: skip
+    planned = sum(plan.rows[k] for k in ("parameters", "gradients", "optimizer state"))
+    for rank, record in enumerate(records):
+        # AdamW's `step` counters (a scalar tensor per parameter, on every rank) are in the 5%.
+        for what, full_bytes in (("dense", full_dense), ("expert", full_expert)):
+            got = record[f"{what}_bytes"]
+            assert abs(got - full_bytes / 4) <= 0.05 * full_bytes / 4, (rank, what, got, full_bytes / 4)
+        measured = record["dense_bytes"] + record["expert_bytes"]
+        assert abs(planned - measured) <= 0.10 * measured, (rank, planned, measured)
+        print(
+            f"rank {rank}: dense {record['dense_bytes']} B (full/4 {full_dense / 4:.0f}), experts "
+            f"{record['expert_bytes']} B (full/4 {full_expert / 4:.0f}), planner {planned} B"
+        )
+
+
+def test_divide_factor_without_the_torch_2_8_api_refuses_cpu():
+    """torch 2.7's FSDPModule has only `set_reduce_scatter_divide_factor` (NCCL's PreMulSum)."""
+
+    class Torch27Module:
+        def set_reduce_scatter_divide_factor(self, factor: float) -> None:
+            self.factor = factor
+
+    with pytest.raises(RuntimeError, match=r"sharding='fsdp' on 'cpu' devices needs torch >= 2.8"):
+        _set_divide_factor(Torch27Module(), 4, "cpu", 2)
+    module = Torch27Module()
+    _set_divide_factor(module, 4, "cuda", 2)
+    assert module.factor == 4.0
+
+
+def test_bf16_policies():
+    """bf16-mixed: fp32 master weights with bf16 compute and fp32 reduction; bf16-true warns
+    when an lr-sized update is below half a bf16 ulp of the weights."""
+    policy = mixed_precision_policy(MixedPrecision("bf16-mixed", "cpu"))
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert mixed_precision_policy(Precision()) is None
+    assert mixed_precision_policy(HalfPrecision("bf16-true")) is None
+    weights = torch.nn.Parameter(torch.full((64,), 0.02, dtype=torch.bfloat16))
+    with pytest.warns(UserWarning, match=r"lr=1e-05: an update of lr on a weight of RMS 0.02 is below half a bf16 ulp"):
+        warn_bf16_true(HalfPrecision("bf16-true"), [torch.optim.AdamW([weights], lr=1e-5)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_bf16_true(HalfPrecision("bf16-true"), [torch.optim.AdamW([weights], lr=1e-3)])
+        warn_bf16_true(MixedPrecision("bf16-mixed", "cpu"), [torch.optim.AdamW([weights], lr=1e-5)])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@needs_divide_factor
+def test_dcp_checkpoint_resumes_at_another_world_size(dp2_run, tmp_path):
+    """The step-3 checkpoint of the 4-process run (EP 2 x expert-dp 2), resumed on 2 processes
+    (EP 2): DCP reshards dense state 4 -> 2 ways and experts 2 -> 1 ways per EP rank; steps 4
+    and 5 give the losses and final weights of single-process training on the same global
+    batches. Each rank wrote only its shards: one DCP file per rank, no full copy."""
+    root = dp2_run[0]
+    checkpoint = root / "step3.ckpt"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp", "meta.pt",
+    ]  # fmt: skip
+    assert not list(root.glob(".step3.ckpt.tmp-*"))
+    module = MoECausalLMModule(tiny_model(FAMILY, seed=1), **hparams())  # other weights: all must come from the file
+    records = _fit(2, module, tmp_path, ckpt_path=checkpoint)
+    _check_against_reference((4, 4, 4, 2, 2), records, module.state_dict(), first_step=3)
+
+
+@needs_divide_factor
+def test_dcp_checkpoint_resumes_at_another_ep_size(dp2_run, tmp_path):
+    """The same checkpoint on 4 processes at EP 4 (2 experts per rank, expert-dp 1): DCP cuts
+    the global expert tensors anew; steps 4 and 5 match single-process training."""
+    records = _fit(4, module := BuiltInConfigureModel(), tmp_path, ep=4, ckpt_path=dp2_run[0] / "step3.ckpt")
+    _check_against_reference((4,) * STEPS, records, module.state_dict(), first_step=3)
+
+
+def test_dcp_save_interrupted_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """One process (no process group: DCP and the barriers run locally): a save that dies after
+    some shards are written leaves only a temporary directory; `path` still holds the previous
+    checkpoint, which loads. (The 4-process runs above check the multi-rank files.)"""
+    import types
+
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_mpipemoe import dcp_checkpoint
+
+    def strategy_for(module):
+        return types.SimpleNamespace(
+            lightning_module=module, optimizers=[torch.optim.SGD(module.parameters(), lr=0.1)], _expert_keys={},
+            _fsdp=types.SimpleNamespace(expert_mesh=None), _checkpoint_group=None, is_global_zero=True,
+            broadcast=lambda obj: obj, _executor_state=dict,
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    saved = strategy_for(torch.nn.Linear(4, 3))
+    path = tmp_path / "latest.ckpt"
+    dcp_checkpoint.save(saved, {"global_step": 1}, path)
+    expected = {k: v.clone() for k, v in saved.lightning_module.state_dict().items()}
+
+    real_save = dcp.save
+
+    def dies_half_way(state, checkpoint_id, **kwargs):
+        real_save(state, checkpoint_id=checkpoint_id, **kwargs)  # the shards are on disk ...
+        raise KeyboardInterrupt("killed before the commit")  # ... the rename never comes
+
+    monkeypatch.setattr(dcp, "save", dies_half_way)
+    with torch.no_grad():
+        saved.lightning_module.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        dcp_checkpoint.save(saved, {"global_step": 2}, path)
+    assert len(list(tmp_path.glob(".latest.ckpt.tmp-*"))) == 1
+    fresh = strategy_for(torch.nn.Linear(4, 3))
+    meta = dcp_checkpoint.load(fresh, path)
+    assert meta["global_step"] == 1
+    for key, value in expected.items():
+        torch.testing.assert_close(fresh.lightning_module.state_dict()[key], value, atol=0, rtol=0)
+
+
+def test_unshardable_models_are_refused_by_name():
+    """Raised in setup before any collective: what FSDP over two meshes cannot shard."""
+    from lightning_mpipemoe.fsdp import check_shardable
+
+    class Direct(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+    with pytest.raises(ValueError, match=r"Direct holds parameters directly \(\['scale'\]\)"):
+        check_shardable(Direct(), {})
+    mixed = torch.nn.Module()
+    mixed.moe = torch.nn.Module()
+    mixed.moe.w_EHD = torch.nn.Parameter(torch.ones(4, 2, 2))
+    mixed.moe.bias = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"module 'moe' holds expert parameters and the dense parameters \['bias'\]"):
+        check_shardable(mixed, {"moe.w_EHD": 4})
+    with torch.device("meta"):
+        lazy = torch.nn.Module()
+        lazy.body = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="does not materialise meta-device parameters yet"):
+        check_shardable(lazy, {})
+    owners = check_shardable(_only_experts(), {"moe.w_EHD": 4})
+    assert list(owners) == ["moe"]
+
+
+def _only_experts() -> torch.nn.Module:
+    module = torch.nn.Module()
+    module.moe = torch.nn.Module()
+    module.moe.w_EHD = torch.nn.Parameter(torch.ones(4, 2, 2))
+    module.moe.router = torch.nn.Linear(2, 4)  # dense, in a child: sharded over the world
+    return module
