@@ -55,6 +55,27 @@ def _wgrad_configs() -> list[triton.Config]:
     ]
 
 
+class _OneConfig:
+    """A kernel launched with one fixed config: what `triton.autotune` is given under the
+    interpreter (one config there). Triton < 3.4's autotuner asks for a GPU driver when it is
+    created, which a CPU-only interpreter run does not have."""
+
+    def __init__(self, kernel, config: triton.Config) -> None:
+        self.kernel, self.config = kernel, config
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *args, **kwargs: launch(*args, **kwargs, **self.config.kwargs)
+
+
+def _autotune(configs: list[triton.Config], **kwargs):
+    """`triton.autotune(configs=configs, **kwargs)`; under the interpreter, its one config."""
+    if not _interpreting():
+        return triton.autotune(configs=configs, **kwargs)
+    (config,) = configs
+    return lambda kernel: _OneConfig(kernel, config)
+
+
 # Below this many multiply-adds a GEMM is not worth tuning: one modest config, one compile. The
 # size class is part of the autotune key, so a small first call never fixes the config that
 # the large calls of the same shape then use.
@@ -113,7 +134,7 @@ def _tile_segment(offsets_ptr, num_experts, num_rows, tile, BLOCK_M: tl.constexp
     return segment, seg_start + (tile - first_tile).to(tl.int64) * BLOCK_M, seg_end
 
 
-@triton.autotune(
+@_autotune(
     configs=_gemm_configs(),
     key=["N", "K", "stride_wk", "size_class"],
     prune_configs_by={"early_config_prune": _prune_small},
@@ -184,7 +205,7 @@ def _grouped_gemm_kernel(
         tl.store(y_ptrs, acc_MN.to(y_ptr.dtype.element_ty), mask=mask_MN)
 
 
-@triton.autotune(
+@_autotune(
     configs=_wgrad_configs(),
     key=["O", "D", "size_class"],
     prune_configs_by={"early_config_prune": _prune_small},

@@ -16,10 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-__all__ = ["DEFAULT_TIMEOUT", "MoEProcessGroups", "build_process_groups", "check_parallel_sizes"]
+from lightning_mpipemoe import collectives
+
+__all__ = ["DEFAULT_TIMEOUT", "MoEProcessGroups", "build_process_groups", "check_parallel_sizes", "warm_up_groups"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=5)
 
@@ -119,3 +122,13 @@ def build_process_groups(expert_parallel_size: int, *, timeout: timedelta = DEFA
         expert_dp_rank=rank // ep,
         timeout=timeout,
     )
+
+
+def warm_up_groups(groups: MoEProcessGroups, device: torch.device) -> None:
+    """One tiny all-reduce on each MoE group at set-up, on `device` (the device the groups
+    serve): NCCL creates a communicator lazily at a group's first collective, which would
+    otherwise land inside the first pipelined forward (seconds, and a skew between ranks)."""
+    for name in ("ep", "ep_combine", "expert_dp", "dp"):
+        group = getattr(groups, name)
+        if group is not None and dist.get_world_size(group) > 1:
+            collectives.all_reduce(torch.zeros(1, device=device), group=group, site=f"strategy.warm_up.{name}")

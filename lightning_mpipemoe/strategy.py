@@ -9,7 +9,9 @@ parallelise by hand, and its checkpoints assume DTensor sharding: the experts he
 tensors sharded along dim 0 by the executor's own process groups. What DDP lacks is added:
 expert parameters are excluded from DDP and reduced over the expert-data-parallel group
 (`grad_sync.py`), clipping uses the global norm, and checkpoints hold one shard per EP rank
-(`checkpointing.py`).
+(`checkpointing.py`; the strategy's checkpoint methods are in `strategy_checkpoints.py`, its
+spawn launcher in `spawn_launcher.py`). `sharding="fsdp"` shards the dense part and the expert
+replicas with FSDP2 instead of replicating them (`fsdp.py`, `dcp_checkpoint.py`).
 
 Order of events in a run (Lightning's `Trainer._run`):
 
@@ -27,67 +29,49 @@ Order of events in a run (Lightning's `Trainer._run`):
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Generator, Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.optimizer import _optimizer_to_device
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_mpipemoe import collectives, dcp_checkpoint, fsdp
-from lightning_mpipemoe.atomic_dir import commit_directory, new_token, remove_stale, temporary_directory
+from lightning_mpipemoe import collectives, fsdp
 from lightning_mpipemoe.checkpointing import (
     DEFAULT_CHECKPOINT_TIMEOUT,
-    META_FILE,
-    SECTION,
     build_checkpoint_group,
-    checkpoint_barrier,
-    gather_full_state_dict,
-    optimizer_state_by_index,
-    optimizer_state_by_name,
-    read_checkpoint,
-    record_files,
-    shard_file,
-    split_checkpoint,
 )
 from lightning_mpipemoe.config import SimulatedLink, executor_overrides
 from lightning_mpipemoe.discovery import (
     ExecutorView,
     MoEUnit,
     find_moe_units,
-    load_executor_state,
-    pack_experts,
-    read_executor_state,
-    unpack_experts,
 )
 from lightning_mpipemoe.grad_sync import DEFAULT_BUCKET_BYTES, ExpertGradReducer, clip_grad_norm_
-from lightning_mpipemoe.groups import DEFAULT_TIMEOUT, MoEProcessGroups, build_process_groups, check_parallel_sizes
+from lightning_mpipemoe.groups import (
+    DEFAULT_TIMEOUT,
+    MoEProcessGroups,
+    build_process_groups,
+    check_parallel_sizes,
+    warm_up_groups,
+)
 from lightning_mpipemoe.moe_metrics import moe_step_metrics
+from lightning_mpipemoe.spawn_launcher import MPipeMoESpawnLauncher
+from lightning_mpipemoe.strategy_checkpoints import ExpertCheckpointMethods
 
 __all__ = ["MPipeMoEStrategy"]
 
@@ -111,7 +95,7 @@ def _check_precision(plugin: Precision) -> None:
     )
 
 
-class MPipeMoEStrategy(DDPStrategy):
+class MPipeMoEStrategy(ExpertCheckpointMethods, DDPStrategy):
     """Expert-parallel training with the MPipeMoE executor: experts sharded over EP groups,
     everything else data parallel (DDP).
 
@@ -293,7 +277,7 @@ class MPipeMoEStrategy(DDPStrategy):
         if self._start_method == "popen":
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = _MPipeMoESpawnLauncher(self, start_method=self._start_method)
+            self._launcher = MPipeMoESpawnLauncher(self, start_method=self._start_method)
 
     @override
     def setup_environment(self) -> None:
@@ -511,167 +495,6 @@ class MPipeMoEStrategy(DDPStrategy):
         params = [named[k] for k in self._expert_keys]
         return fsdp.local_state_bytes(params, self.optimizers)
 
-    # --------------------------------------------------------------------------- checkpoints
-
-    def _param_names(self) -> dict[int, str]:
-        assert self.lightning_module is not None
-        return {id(p): name for name, p in self.lightning_module.named_parameters()}
-
-    def _relayout(self, state: dict[str, Any], to_checkpoint: bool) -> dict[str, Any]:
-        """Packed expert tensors (peft's LoRA A `[r*L, in]`, B `[out, r*L]` on fused experts) to
-        the unpacked form checkpoints hold (`[L, r, in]`, `[L, out, r]`: dim 0 the expert, so
-        that the checkpoint code cuts and joins them like any expert shard), or back."""
-        if not self._packed_keys:
-            return state
-        ep = self.moe_groups.ep_size
-        out = dict(state)
-        for key, (num_experts, layout) in self._packed_keys.items():
-            if key in out:
-                value = out[key]
-                out[key] = (
-                    unpack_experts(value, num_experts // ep, layout) if to_checkpoint else pack_experts(value, layout)
-                )
-        return out
-
-    @property
-    @override
-    def lightning_restore_optimizer(self) -> bool:
-        return self._fsdp is None  # FSDP: restored with the model in `load_checkpoint` (DCP)
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        if self._fsdp is not None:
-            return {}  # saved by DCP from the sharded module (`dcp_checkpoint.save`)
-        return self._relayout(super().lightning_module_state_dict(), to_checkpoint=True)
-
-    def _relayout_optimizer(self, named: dict[str, Any], to_checkpoint: bool) -> dict[str, Any]:
-        if not self._packed_keys:
-            return named
-        shapes = {name: tuple(p.shape) for name, p in self.lightning_module.named_parameters()}
-        state = dict(named["state"])
-        for key in self._packed_keys.keys() & state.keys():
-            param_state = dict(state[key])
-            for name, value in param_state.items():
-                # Tensors shaped like the parameter (Adam's moments) move with it; scalars stay.
-                if not isinstance(value, Tensor):
-                    continue
-                if (tuple(value.shape) == shapes[key]) if to_checkpoint else value.dim() == 3:
-                    param_state[name] = self._relayout({key: value}, to_checkpoint)[key]
-            state[key] = param_state
-        return {**named, "state": state}
-
-    @override
-    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """Name-keyed optimizer state (`checkpointing.optimizer_state_by_name`)."""
-        if self._fsdp is not None:
-            return {}  # saved by DCP (`dcp_checkpoint.save`)
-        if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
-        return self._relayout_optimizer(optimizer_state_by_name(optimizer, self._param_names()), to_checkpoint=True)
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        names = self._param_names()
-        for optimizer, named in zip(self.optimizers, checkpoint["optimizer_states"]):
-            named = self._relayout_optimizer(named, to_checkpoint=False)
-            optimizer.load_state_dict(optimizer_state_by_index(named, optimizer, names))
-            _optimizer_to_device(optimizer, self.root_device)
-
-    def _executor_state(self) -> dict[str, dict]:
-        return {name: read_executor_state(view) for name, view in self.moe_executors.items()}
-
-    @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
-    ) -> None:
-        """Collective: the checkpoint directory (`checkpointing.py`), written atomically."""
-        if storage_options is not None:
-            raise TypeError("MPipeMoEStrategy.save_checkpoint does not take storage_options")
-        if self._fsdp is not None:
-            return dcp_checkpoint.save(self, checkpoint, Path(filepath))
-        if self._groups is None:
-            raise RuntimeError(
-                "MPipeMoEStrategy saves checkpoints from the training processes (e.g. ModelCheckpoint or a callback); "
-                "this process never set the strategy up (the main process of a spawn run holds the consolidated "
-                "weights only: trainer.lightning_module.state_dict())"
-            )
-        groups = self.moe_groups
-        path_str, token = self.broadcast((str(filepath), new_token()))
-        path = Path(path_str)
-        tmp = temporary_directory(path, token)
-        if self.is_global_zero:
-            remove_stale(path)
-            tmp.mkdir(parents=True)
-        checkpoint_barrier(self._checkpoint_group, "strategy.save_checkpoint.mkdir")
-        meta, shard = split_checkpoint(
-            checkpoint, self._expert_keys, groups.ep_size, self.world_size, self._executor_state()
-        )
-        written = []
-        if self.is_global_zero:
-            self.checkpoint_io.save_checkpoint(meta, tmp / META_FILE)
-            written.append(META_FILE)
-        if groups.expert_dp_rank == 0:
-            name = shard_file(groups.ep_rank, groups.ep_size)
-            self.checkpoint_io.save_checkpoint(shard, tmp / name)
-            written.append(name)
-        record_files(tmp, written)  # size + SHA-256 beside each file, then fsync
-        checkpoint_barrier(self._checkpoint_group, "strategy.save_checkpoint.written")
-        if self.is_global_zero:
-            commit_directory(tmp, path, token)
-        checkpoint_barrier(self._checkpoint_group, "strategy.save_checkpoint.committed")
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        if self._fsdp is not None:  # loads model and optimizer state here (DCP), returns the rest
-            return dcp_checkpoint.load(self, Path(checkpoint_path))
-        path = Path(self.broadcast(str(checkpoint_path)))
-        groups = self.moe_groups
-        checkpoint = read_checkpoint(path, groups.ep_size, groups.ep_rank, self.checkpoint_io, weights_only)
-        saved = checkpoint[SECTION]["expert_keys"]
-        if saved != self._expert_keys:
-            differ = sorted(k for k in set(saved) | set(self._expert_keys) if saved.get(k) != self._expert_keys.get(k))
-            raise ValueError(
-                f"{path}: the checkpoint's expert parameters do not match the model's (key: checkpoint experts vs "
-                f"model experts): {[(k, saved.get(k), self._expert_keys.get(k)) for k in differ[:5]]}"
-            )
-        return checkpoint
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if self._packed_keys and self._fsdp is None:
-            checkpoint = {**checkpoint, "state_dict": self._relayout(checkpoint["state_dict"], to_checkpoint=False)}
-        if self._fsdp is None:  # FSDP: loaded in `load_checkpoint` (DCP)
-            super().load_model_state_dict(checkpoint, strict=strict)
-        saved = dict(checkpoint.get(SECTION, {}).get("executor_state", {}))
-        for name, view in self.moe_executors.items():
-            load_executor_state(view, saved.pop(name, {}), name)
-        leftover = sorted(name for name, state in saved.items() if state)
-        if leftover:
-            rank_zero_warn(f"the checkpoint holds executor state for MoE layers the model does not have: {leftover}")
-
-    def consolidated_state_dict(self, unconverted: bool = False) -> dict[str, Tensor] | None:
-        """Collective over the EP group: the LightningModule's state dict with every expert, on
-        EP rank 0 of each EP group (None elsewhere). `unconverted=True` maps Hugging Face units
-        back to their original keys (what an unsharded copy of the module loads)."""
-        groups = self.moe_groups
-        # FSDP: every DTensor gathered over its mesh first (collective over the world).
-        local = fsdp.full_state_dict(self.lightning_module) if self._sharding == "fsdp" else None
-        full = gather_full_state_dict(
-            self.lightning_module, self._expert_keys, groups, device=self.root_device, local=local
-        )
-        if full is None:
-            return full
-        for key, (num_experts, layout) in self._packed_keys.items():  # shards were joined along dim 0: redo
-            pieces = [unpack_experts(p, num_experts // groups.ep_size, layout) for p in full[key].chunk(groups.ep_size)]
-            full[key] = pack_experts(torch.cat(pieces), layout)
-        if not unconverted:
-            return full
-        for unit in self._units:
-            prefix = f"{unit.name}." if unit.name else ""
-            inner = {k[len(prefix) :]: full.pop(k) for k in [k for k in full if k.startswith(prefix)]}
-            full.update({prefix + k: v for k, v in unit.kind.to_unconverted(unit.module, inner).items()})
-        return full
-
     @override
     def teardown(self) -> None:
         vars(self.precision_plugin).pop("clip_grad_by_norm", None)
@@ -712,133 +535,5 @@ class MPipeMoEStrategy(DDPStrategy):
         )
 
 
-class _MPipeMoESpawnLauncher(_MultiProcessingLauncher):
-    """The spawn launcher, handing the main process consolidated weights: its module was never
-    sharded, so rank 0's shards would not load into it. A module that builds its model in
-    `configure_model` (which only the workers ran) gets it built in the main process too, so
-    that the trained weights have somewhere to go.
-
-    The workers rendezvous through a store this process hosts (`_hosted_rendezvous`), and tear
-    their process groups down together before they exit."""
-
-    @override
-    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
-        # A transformers model that ran a forward here carries output-capturing hooks, which
-        # cannot be pickled; transformers installs them again at the next forward.
-        modules = [a for a in (*args, *kwargs.values()) if isinstance(a, nn.Module)]
-        if modules:
-            from lightning_mpipemoe.hf_models.output_capturing import drop_output_capturing_hooks
-
-            for module in modules:
-                drop_output_capturing_hooks(module)
-        with _hosted_rendezvous(self._strategy):
-            return super().launch(function, *args, trainer=trainer, **kwargs)
-
-    @override
-    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
-        super()._wrapping_function(*args, **kwargs)
-        # The worker is done and rank 0's results are on the queue. Every rank finishes its
-        # collectives (a barrier, bounded by the group's timeout), then destroys the process
-        # groups before the interpreter exits: a gloo context left to the interpreter's
-        # shutdown while a peer is already gone can abort the process ("terminate called
-        # without an active exception"). Not after a failure (the exception propagates past
-        # this): the peers may be blocked in a collective this rank never joins.
-        if dist.is_initialized():
-            self._strategy.barrier("mpipemoe_spawn_exit")
-            dist.destroy_process_group()
-
-    @override
-    def _recover_results_in_main_process(self, worker_output: _WorkerOutput, trainer: "pl.Trainer") -> None:
-        if worker_output.weights_path is not None:
-            io = self._strategy.checkpoint_io
-            state_dict = io.load_checkpoint(worker_output.weights_path)
-            io.remove_checkpoint(worker_output.weights_path)
-            _load_trained_weights(trainer.lightning_module, state_dict)
-            worker_output = worker_output._replace(weights_path=None)
-        super()._recover_results_in_main_process(worker_output, trainer)
-
-    @override
-    def _collect_rank_zero_results(self, trainer: "pl.Trainer", results: Any) -> Optional[_WorkerOutput]:
-        strategy = self._strategy
-        assert isinstance(strategy, MPipeMoEStrategy)
-        callback = trainer.checkpoint_callback
-        best_model_path = callback.best_model_path if callback and hasattr(callback, "best_model_path") else None
-        if strategy._groups is not None:
-            state_dict = strategy.consolidated_state_dict(unconverted=True)  # collective over EP
-        else:
-            state_dict = trainer.lightning_module.state_dict()
-        if strategy.local_rank != 0:
-            return None
-        weights_path = None
-        if trainer.state.fn == TrainerFn.FITTING and state_dict is not None:
-            weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
-            strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
-        extra = self.get_extra_results(trainer)
-        return _WorkerOutput(best_model_path, weights_path, trainer.state, results, extra)
-
-
-@contextlib.contextmanager
-def _hosted_rendezvous(strategy: MPipeMoEStrategy) -> Iterator[None]:
-    """Host the workers' rendezvous store in this (the launching) process for one launch.
-
-    Lightning's default (`LightningEnvironment` without `MASTER_PORT`) picks a free port, closes
-    it, and has rank 0 bind it again: anything on the machine may take the port in between
-    (EADDRINUSE). Here a `TCPStore` is bound to a port the OS assigns, and stays bound while the
-    workers run; every worker connects to it as a client (`TORCHELASTIC_USE_AGENT_STORE`,
-    torch's switch for "the launcher hosts the store", as torchrun's agent does). One store per
-    launch (a finished group's keys stay in its store); `MASTER_PORT` and the switch are
-    restored afterwards, so that no later launch reuses the closed port. Only for one node and
-    Lightning's own environment with no `MASTER_PORT` given; otherwise Lightning's rendezvous.
-    """
-    env = strategy.cluster_environment
-    if type(env) is not LightningEnvironment or strategy.num_nodes != 1 or "MASTER_PORT" in os.environ:
-        yield
-        return
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=strategy._timeout)
-    names = ("MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
-    saved = {name: os.environ.get(name) for name in names}
-    env._main_port = store.port  # the port Lightning's launcher hands the workers (it caches the first one)
-    os.environ.update(MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True")
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        env._main_port = -1
-        del store
-
-
-def _load_trained_weights(module: pl.LightningModule, state_dict: dict[str, Tensor]) -> None:
-    """Load the workers' consolidated weights into the main process's module, building what
-    its `configure_model` builds first when the module lacks those weights."""
-    if set(state_dict) - set(module.state_dict()) and is_overridden("configure_model", module, pl.LightningModule):
-        try:
-            module.configure_model()  # on the CPU, unsharded: the weights arrive consolidated
-        except Exception as exc:  # the run itself succeeded: say what is missing, do not lose the result
-            rank_zero_warn(
-                f"{type(module).__name__}.configure_model() failed in the main process ({type(exc).__name__}: {exc}); "
-                "the trained weights stay in the workers' checkpoints only"
-            )
-    unexpected = module.load_state_dict(state_dict, strict=False).unexpected_keys
-    if unexpected:
-        rank_zero_warn(
-            f"the main process's {type(module).__name__} has no place for {len(unexpected)} trained weights of the "
-            f"workers (e.g. {unexpected[:3]}); they are not loaded"
-        )
-
-
 if "mpipemoe" not in StrategyRegistry:
     MPipeMoEStrategy.register_strategies(StrategyRegistry)
-
-
-def warm_up_groups(groups: MoEProcessGroups, device: torch.device) -> None:
-    """One tiny all-reduce on each MoE group at set-up, on `device` (the device the groups
-    serve): NCCL creates a communicator lazily at a group's first collective, which would
-    otherwise land inside the first pipelined forward (seconds, and a skew between ranks)."""
-    for name in ("ep", "ep_combine", "expert_dp", "dp"):
-        group = getattr(groups, name)
-        if group is not None and dist.get_world_size(group) > 1:
-            collectives.all_reduce(torch.zeros(1, device=device), group=group, site=f"strategy.warm_up.{name}")

@@ -19,7 +19,7 @@ once). So no test picks a port for a child to bind:
   own switch for "the launcher hosts the store", which torchrun's agent uses), so no child
   ever binds a port.
 - `mpipemoe_spawn` trainers need nothing: the strategy's spawn launcher hosts such a store
-  itself for each launch (`strategy._hosted_rendezvous`).
+  itself for each launch (`spawn_launcher.hosted_rendezvous`).
 """
 
 from __future__ import annotations

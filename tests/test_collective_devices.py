@@ -22,7 +22,8 @@ from lightning_mpipemoe.grad_sync import ExpertGradReducer, global_grad_norm
 from lightning_mpipemoe.moe.executor import RoutingStats, expert_parallel_forward
 from lightning_mpipemoe.moe.tuner import LayerTuner
 from lightning_mpipemoe.moe_metrics import moe_step_metrics
-from lightning_mpipemoe.strategy import MPipeMoEStrategy, warm_up_groups
+from lightning_mpipemoe.groups import warm_up_groups
+from lightning_mpipemoe.strategy import MPipeMoEStrategy
 from tests.dist_utils import run_distributed
 
 E, K, H, I = 8, 2, 8, 6

@@ -37,7 +37,8 @@ from lightning_mpipemoe.checkpointing import (
     split_checkpoint,
 )
 from lightning_mpipemoe.config import SimulatedLink, executor_overrides
-from lightning_mpipemoe.strategy import MPipeMoEStrategy, _hosted_rendezvous, _MPipeMoESpawnLauncher
+from lightning_mpipemoe.spawn_launcher import MPipeMoESpawnLauncher, hosted_rendezvous
+from lightning_mpipemoe.strategy import MPipeMoEStrategy
 from tests.strategy_models import (
     CLIP,
     GLOBAL_BATCH,
@@ -110,7 +111,7 @@ def test_registry_names_and_init_params():
     assert isinstance(popen.strategy.launcher, _SubprocessScriptLauncher)
     assert popen.strategy.expert_parallel_size == 2  # default: the devices of one node
     spawn = pl.Trainer(accelerator="cpu", devices=2, num_nodes=1, strategy="mpipemoe_spawn", logger=False)
-    assert isinstance(spawn.strategy.launcher, _MPipeMoESpawnLauncher)
+    assert isinstance(spawn.strategy.launcher, MPipeMoESpawnLauncher)
 
 
 def test_spawn_launch_rendezvous_through_a_store_the_launcher_holds(monkeypatch):
@@ -123,7 +124,7 @@ def test_spawn_launch_rendezvous_through_a_store_the_launcher_holds(monkeypatch)
     strategy = pl.Trainer(accelerator="cpu", devices=2, strategy="mpipemoe_spawn", logger=False).strategy
     ports = []
     for _ in range(2):  # two launches of one trainer (fit, then test): a fresh store each
-        with _hosted_rendezvous(strategy):
+        with hosted_rendezvous(strategy):
             port = strategy.cluster_environment.main_port  # what Lightning's launcher hands the workers
             assert os.environ["MASTER_PORT"] == str(port) and os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"
             client = torch.distributed.TCPStore("127.0.0.1", port, is_master=False, timeout=TEST_TIMEOUT)
@@ -134,7 +135,7 @@ def test_spawn_launch_rendezvous_through_a_store_the_launcher_holds(monkeypatch)
         assert "MASTER_PORT" not in os.environ and "TORCHELASTIC_USE_AGENT_STORE" not in os.environ
     monkeypatch.setenv("MASTER_PORT", "29999")
     strategy = pl.Trainer(accelerator="cpu", devices=2, strategy="mpipemoe_spawn", logger=False).strategy
-    with _hosted_rendezvous(strategy):
+    with hosted_rendezvous(strategy):
         assert strategy.cluster_environment.main_port == 29999 and "TORCHELASTIC_USE_AGENT_STORE" not in os.environ
 
 
