@@ -42,7 +42,9 @@ The loss of every system's first step (same weights, same batch; mean over ranks
 beside the rows: a fast row that computes something else cannot hide.
 
 Auto systems are warmed up until no layer's tuner is profiling (at most `--max-tune-steps`);
-the rows report whether any timed step still profiled.
+the rows report whether any timed step still profiled. Each of our layers gets a
+`LayerTuner(max_rounds=--tuner-max-rounds)` (8; the library's default 24 rounds of profiling
+calls would cost more warm-up steps than the timed rounds themselves on a loaded 2-core machine).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ from lightning_mpipemoe.hf_models.experts_interface import (
     is_hf_experts_module,
 )
 from lightning_mpipemoe.moe.buffers import host_pool
-from lightning_mpipemoe.moe.memory import SavedTensorMeter
+from lightning_mpipemoe.moe.memory import SavedTensorMeter, _plain_tensors
+from lightning_mpipemoe.moe.tuner import LayerTuner
 
 HF_EP = "hf_ep"
 SYSTEMS = ("hf_ep", "hf_ep_ckpt", "ours_default", "ours_budget50", "ours_budget25", "ours_n1", "ours_n4_s4",
@@ -182,7 +185,7 @@ class System:
 
 
 def build_systems(shape: ModelShape, rank: int, world: int, tokens: int, hf_experts_bytes: int | None,
-                  names=SYSTEMS) -> dict[str, System]:
+                  names=SYSTEMS, tuner_max_rounds: int = 8) -> dict[str, System]:
     if tokens % shape.seq_len:
         raise ValueError(f"--tokens {tokens} must be a multiple of the sequence length {shape.seq_len}")
     gen = torch.Generator().manual_seed(1 + rank)
@@ -207,36 +210,50 @@ def build_systems(shape: ModelShape, rank: int, world: int, tokens: int, hf_expe
                 config = ExecutorConfig()
             model = convert_model(build_model(shape, "grouped_mm"), groups, config)
             expert_names = set(sharded_expert_keys(model))
+            for module in model.modules():
+                binding = getattr(module, BINDING_ATTR, None)
+                if binding is not None:
+                    binding.tuner = LayerTuner(max_rounds=tuner_max_rounds)
         if name.endswith("ckpt"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         systems[name] = System(name, model, expert_names, batch)
     return systems
 
 
-class ExpertsMeter:
-    """The saved-tensor meter around each experts call alone (forward hooks), max over calls."""
+class ScopedMeter(SavedTensorMeter):
+    """The whole model's saved-tensor meter that also files what each experts call saves.
+
+    One set of hooks for the whole forward (nested hooks would take tensors from each other:
+    the innermost hooks pack); forward hooks on the experts modules open and close a scope.
+    Storages saved both inside and outside an experts call count once in the total."""
 
     def __init__(self, system: System):
-        self.system = system
+        super().__init__([_local(p) for p in system.params])
         self.per_call: list[int] = []
-        self._meter = None
+        self._scope: dict | None = None
         self._handles = []
-        params = [_local(p) for p in system.params]
         for module in system.experts_modules:
-            self._handles.append(module.register_forward_pre_hook(lambda *_: self._enter(params)))
-            self._handles.append(module.register_forward_hook(lambda *_: self._exit()))
+            self._handles.append(module.register_forward_pre_hook(lambda *_: self._open()))
+            self._handles.append(module.register_forward_hook(lambda *_: self._close()))
 
-    def _enter(self, params):
-        self._host0 = host_pool(False).in_use_bytes
-        self._meter = SavedTensorMeter(params).__enter__()
+    def _open(self) -> None:
+        self._scope, self._host0 = {}, host_pool(False).in_use_bytes
 
-    def _exit(self):
-        self._meter.__exit__(None, None, None)
-        self.per_call.append(self._meter.bytes_on("cpu") + host_pool(False).in_use_bytes - self._host0)
+    def _close(self) -> None:
+        self.per_call.append(sum(self._scope.values()) + host_pool(False).in_use_bytes - self._host0)
+        self._scope = None
 
-    def remove(self):
-        for h in self._handles:
-            h.remove()
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._scope is not None:
+            for inner in _plain_tensors(tensor):
+                storage = inner.untyped_storage()
+                if storage.nbytes() and storage.data_ptr() not in self._exclude:
+                    self._scope[storage.data_ptr()] = storage.nbytes()
+        return super()._pack(tensor)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def _rss_kib(field: str) -> int:
@@ -254,19 +271,17 @@ def measured_step(system: System, libc) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
     base = _rss_kib("VmRSS")
-    # Under gradient checkpointing an inner meter would take the tensors from checkpointing's own
-    # hooks (the innermost hooks pack) and keep them: no per-experts figure there.
-    experts = None if system.name.endswith("ckpt") else ExpertsMeter(system)
+    meter = ScopedMeter(system)
     host0 = host_pool(False).in_use_bytes
-    with SavedTensorMeter([_local(p) for p in system.params]) as meter:
+    with meter:
         loss = system.forward()
     host = host_pool(False).in_use_bytes - host0
+    meter.remove()
     system.finish(loss)
     peak = (_rss_kib("VmHWM") - base) * 1024
-    per_layer = float("nan")
-    if experts is not None:
-        experts.remove()
-        per_layer = max(experts.per_call)
+    # Under gradient checkpointing the checkpoint's own hooks (innermost) take the blocks'
+    # tensors: the experts calls save nothing the meter sees there (-1: not measured).
+    per_layer = -1 if system.name.endswith("ckpt") else max(meter.per_call)
     return {"saved_bytes": meter.bytes_on("cpu") + host, "host_bytes": host, "experts_bytes_per_layer": per_layer,
             "peak_bytes": peak + host}
 
@@ -293,7 +308,7 @@ def _timed(fn) -> float:
 
 
 def _bench(rank: int, world: int, shape: ModelShape, tokens: int, repeats: int, max_tune_steps: int,
-           names: tuple[str, ...]) -> dict:
+           names: tuple[str, ...], tuner_max_rounds: int) -> dict:
     torch.set_num_threads(1)
     libc = ctypes.CDLL("libc.so.6")
     # HF EP first: its experts bytes set the budget rows' budgets, its first step the reference loss.
@@ -301,7 +316,8 @@ def _bench(rank: int, world: int, shape: ModelShape, tokens: int, repeats: int, 
     first_loss = {HF_EP: _mean_over_ranks(systems[HF_EP].step())}
     hf_mem = _max_over_ranks(measured_step(systems[HF_EP], libc))
     hf_experts = int(hf_mem["experts_bytes_per_layer"])
-    others = build_systems(shape, rank, world, tokens, hf_experts, names=tuple(n for n in names if n != HF_EP))
+    others = build_systems(shape, rank, world, tokens, hf_experts, names=tuple(n for n in names if n != HF_EP),
+                           tuner_max_rounds=tuner_max_rounds)
     systems.update(others)
     for name, system in others.items():
         first_loss[name] = _mean_over_ranks(system.step())
@@ -334,11 +350,15 @@ def _bench(rank: int, world: int, shape: ModelShape, tokens: int, repeats: int, 
         "shape": asdict(shape), "tokens_per_rank": tokens, "repeats": repeats,
         "hf_ep_experts_bytes_per_layer": hf_experts,
         "budgets": {n: int(f * hf_experts) for n, f in BUDGET_FRACTIONS.items() if n in systems},
-        "first_step_loss": first_loss, "tune_steps": tune_steps, "timed_steps_profiling": profiled,
+        "tuner_max_rounds": tuner_max_rounds, "first_step_loss": first_loss, "tune_steps": tune_steps, "timed_steps_profiling": profiled,
         "times": {name: summarize(t) for name, t in times.items()}, "raw_times_s": times,
         "ratio_vs_hf_ep": {name: summarize(r) for name, r in ratios.items()}, "memory": memory,
         "tuner_metrics_rank0": decisions,
     }
+
+
+def _mib(value: float) -> str:
+    return "-" if value < 0 else f"{value / 2**20:.2f}"
 
 
 def print_table(name: str, result: dict) -> None:
@@ -357,12 +377,13 @@ def print_table(name: str, result: dict) -> None:
         note = ""
         if system in result["budgets"]:
             budget = result["budgets"][system]
-            note = f"  budget {budget / 2**20:.1f} MiB: {'within' if m['experts_bytes_per_layer'] <= budget else 'OVER'}"
+            within = 0 <= m["experts_bytes_per_layer"] <= budget
+            note = f"  budget {budget / 2**20:.1f} MiB: {'within' if within else 'OVER'}"
         if result["timed_steps_profiling"][system]:
             note += f"  ({result['timed_steps_profiling'][system]} timed steps profiling)"
         print(f"{system:>14} | {t['median_s'] * 1e3:9.0f} [{t['min_s'] * 1e3:6.0f}, {t['max_s'] * 1e3:6.0f}] | "
               f"{r['median_s']:6.2f}x [{r['min_s']:5.2f}, {r['max_s']:5.2f}] | {m['saved_bytes'] / 2**20:9.1f} | "
-              f"{m['experts_bytes_per_layer'] / 2**20:11.2f} | {m['peak_bytes'] / 2**20:8.1f} | "
+              f"{_mib(m['experts_bytes_per_layer']):>11} | {m['peak_bytes'] / 2**20:8.1f} | "
               f"{result['first_step_loss'][system]:10.6f}{note}")
     spread = max(abs(v - hf_loss) for v in result["first_step_loss"].values())
     print(f"first-step losses agree to {spread:.1e}")
@@ -373,7 +394,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank (a multiple of 256)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--max-tune-steps", type=int, default=40)
+    parser.add_argument("--max-tune-steps", type=int, default=40,
+                        help="warm-up steps at most while an auto system's tuners profile")
+    parser.add_argument("--tuner-max-rounds", type=int, default=8,
+                        help="LayerTuner(max_rounds=...) of our systems (the library default is 24)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--out", default="model_step.json", help="file name under benchmarks/results/")
     args = parser.parse_args(argv)
@@ -384,7 +408,7 @@ def main(argv=None) -> dict:
     for name in args.shapes:
         start = time.perf_counter()
         results[name] = launch(_bench, 2, SHAPES[name], args.tokens, args.repeats, args.max_tune_steps,
-                               tuple(args.systems))
+                               tuple(args.systems), args.tuner_max_rounds)
         results[name]["launch_wall_s"] = time.perf_counter() - start
         print_table(name, results[name])
     payload = {"results": results, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
