@@ -43,8 +43,10 @@ beside the rows: a fast row that computes something else cannot hide.
 
 Auto systems are warmed up until no layer's tuner is profiling (at most `--max-tune-steps`);
 the rows report whether any timed step still profiled. Each of our layers gets a
-`LayerTuner(max_rounds=--tuner-max-rounds)` (8; the library's default 24 rounds of profiling
-calls would cost more warm-up steps than the timed rounds themselves on a loaded 2-core machine).
+`LayerTuner(max_rounds=--tuner-max-rounds)` (6; the library's default 24 rounds of profiling
+calls would cost more warm-up steps than the timed rounds themselves on a loaded 2-core machine);
+`ours_ckpt` starts from `ours_default`'s tuned state (`LayerTuner.load_state_dict`, as a resumed
+run would), the same layers under the same config.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -185,7 +188,7 @@ class System:
 
 
 def build_systems(shape: ModelShape, rank: int, world: int, tokens: int, hf_experts_bytes: int | None,
-                  names=SYSTEMS, tuner_max_rounds: int = 8) -> dict[str, System]:
+                  names=SYSTEMS, tuner_max_rounds: int = 6) -> dict[str, System]:
     if tokens % shape.seq_len:
         raise ValueError(f"--tokens {tokens} must be a multiple of the sequence length {shape.seq_len}")
     gen = torch.Generator().manual_seed(1 + rank)
@@ -308,8 +311,11 @@ def _timed(fn) -> float:
 
 
 def _bench(rank: int, world: int, shape: ModelShape, tokens: int, repeats: int, max_tune_steps: int,
-           names: tuple[str, ...], tuner_max_rounds: int) -> dict:
+           names: tuple[str, ...], tuner_max_rounds: int, verbose: bool = False) -> dict:
     torch.set_num_threads(1)
+    if verbose:  # the tuners' decisions (rank 0 logs them)
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("lightning_mpipemoe").setLevel(logging.INFO)
     libc = ctypes.CDLL("libc.so.6")
     # HF EP first: its experts bytes set the budget rows' budgets, its first step the reference loss.
     systems = build_systems(shape, rank, world, tokens, None, names=(HF_EP,))
@@ -324,6 +330,11 @@ def _bench(rank: int, world: int, shape: ModelShape, tokens: int, repeats: int, 
     # Warm-up: every system twice; auto systems until their tuners stop profiling.
     tune_steps = {}
     for name, system in systems.items():
+        if name == "ours_ckpt" and "ours_default" in systems:
+            # Same layers, same config: start from the default row's tuned decisions (the
+            # tuners' documented persistence, as a resumed run would) instead of profiling again.
+            for mine, tuned in zip(system.bindings(), systems["ours_default"].bindings()):
+                mine.tuner.load_state_dict(tuned.tuner.state_dict())
         system.step()
         steps = 0
         while steps < max_tune_steps and system.tuning():
@@ -350,7 +361,8 @@ def _bench(rank: int, world: int, shape: ModelShape, tokens: int, repeats: int, 
         "shape": asdict(shape), "tokens_per_rank": tokens, "repeats": repeats,
         "hf_ep_experts_bytes_per_layer": hf_experts,
         "budgets": {n: int(f * hf_experts) for n, f in BUDGET_FRACTIONS.items() if n in systems},
-        "tuner_max_rounds": tuner_max_rounds, "first_step_loss": first_loss, "tune_steps": tune_steps, "timed_steps_profiling": profiled,
+        "tuner_max_rounds": tuner_max_rounds, "first_step_loss": first_loss, "tune_steps": tune_steps,
+        "timed_steps_profiling": profiled,
         "times": {name: summarize(t) for name, t in times.items()}, "raw_times_s": times,
         "ratio_vs_hf_ep": {name: summarize(r) for name, r in ratios.items()}, "memory": memory,
         "tuner_metrics_rank0": decisions,
@@ -394,11 +406,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank (a multiple of 256)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--max-tune-steps", type=int, default=40,
+    parser.add_argument("--max-tune-steps", type=int, default=60,
                         help="warm-up steps at most while an auto system's tuners profile")
-    parser.add_argument("--tuner-max-rounds", type=int, default=8,
+    parser.add_argument("--tuner-max-rounds", type=int, default=6,
                         help="LayerTuner(max_rounds=...) of our systems (the library default is 24)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    parser.add_argument("--verbose", action="store_true", help="log the tuners' decisions")
     parser.add_argument("--out", default="model_step.json", help="file name under benchmarks/results/")
     args = parser.parse_args(argv)
     if HF_EP not in args.systems:
@@ -408,7 +421,7 @@ def main(argv=None) -> dict:
     for name in args.shapes:
         start = time.perf_counter()
         results[name] = launch(_bench, 2, SHAPES[name], args.tokens, args.repeats, args.max_tune_steps,
-                               tuple(args.systems), args.tuner_max_rounds)
+                               tuple(args.systems), args.tuner_max_rounds, args.verbose)
         results[name]["launch_wall_s"] = time.perf_counter() - start
         print_table(name, results[name])
     payload = {"results": results, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),

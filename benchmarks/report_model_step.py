@@ -98,7 +98,7 @@ def what_to_expect(results: dict) -> list[str]:
         mem, ratio = result["memory"], result["ratio_vs_hf_ep"]
         base = mem["hf_ep"]["peak_bytes"]
 
-        def peak(system: str) -> str:
+        def peak(system: str, mem=mem, base=base) -> str:
             return f"{(mem[system]['peak_bytes'] / base - 1) * 100:+.0f}% peak memory"
 
         parts = []

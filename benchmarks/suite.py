@@ -68,7 +68,7 @@ def launch_one(run: Run, rows: list[dict], rows_dir: Path, repeats: int, warmup:
 def run_model_step(results_dir: Path) -> dict | None:
     """The whole-model section: `bench_model_step.py` (both shapes) in its own process; None if it failed."""
     out = results_dir / "model_step.json"
-    cmd = [sys.executable, str(HERE / "bench_model_step.py"), "--tokens", "2048", "--repeats", "5",
+    cmd = [sys.executable, str(HERE / "bench_model_step.py"), "--tokens", "1024", "--repeats", "5",
            "--out", str(out)]
     print("whole-model steps: " + " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
