@@ -180,7 +180,8 @@ def plot(rows: list[dict], plots_dir: Path) -> list[Path]:
     # 1. Step time vs n (EP = 2, T = 4096): fixed n without and with the link, HF EP as a line.
     fig, ax = plt.subplots(figsize=(6, 4))
     for group, style in (("main", "o-"), ("link", "s--")):
-        pts = sorted((r["chosen_n"], r) for r in ok if r["group"] == group and r["system"].startswith("ours_n"))
+        pts = sorted((r["chosen_n"], r) for r in ok if r["group"] == group and r["system"].startswith("ours_n")
+                     and r.get("chosen_restore") == "none")
         if pts:
             ax.errorbar([n for n, _ in pts], [r["median_s"] * 1e3 for _, r in pts],
                         yerr=[[(r["median_s"] - r["min_s"]) * 1e3 for _, r in pts],

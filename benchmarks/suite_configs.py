@@ -55,7 +55,7 @@ def runs(quick: bool = False) -> list[Run]:
             Run("link", "ours_n2", tokens=t, link=True),
         ]
     out = [Run("main", s) for s in ("hf_ep_grouped_mm", "hf_ep_eager", "hf_single_grouped_mm", "hf_single_eager",
-                                   "ours_n1", "ours_n2", "ours_n4", "ours_n8", "ours_auto")]
+                                   "ours_n1", "ours_n2", "ours_n4", "ours_n8", "ours_n4_s4", "ours_auto")]
     out.append(Run("main", "ours_auto", budget=HALF_OF_HF))
     out += [Run("link", s, link=True) for s in ("ours_n1", "ours_n2", "ours_n4", "ours_n8", "ours_auto")]
     out += [Run("ep4", s, ep=4, tokens=2048) for s in ("hf_ep_grouped_mm", "hf_ep_eager", "ours_n1", "ours_n4",
