@@ -41,8 +41,8 @@ timed rounds:
 The loss of every system's first step (same weights, same batch; mean over ranks) is printed
 beside the rows: a fast row that computes something else cannot hide.
 
-Auto systems are warmed up until no layer's tuner is profiling (at most `--max-tune-steps`);
-the rows report whether any timed step still profiled. Each of our layers gets a
+Auto systems are warmed up until a step in which no layer's tuner profiled (at most
+`--max-tune-steps`); the rows report how many timed steps still profiled. Each of our layers gets a
 `LayerTuner(max_rounds=--tuner-max-rounds)` (6; the library's default 24 rounds of profiling
 calls would cost more warm-up steps than the timed rounds themselves on a loaded 2-core machine);
 `ours_ckpt` starts from `ours_default`'s tuned state (`LayerTuner.load_state_dict`, as a resumed
@@ -160,10 +160,18 @@ class System:
     def bindings(self):
         return [b for b in (getattr(m, BINDING_ATTR, None) for m in self.experts_modules) if b is not None]
 
-    def tuning(self) -> bool:
-        flag = torch.tensor([float(any(b.tuner.tuning for b in self.bindings()))])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag)
+    def profile_calls(self) -> int:
+        """Calls the layers' tuners have profiled so far (a step that adds none ran tuned
+        decisions only; `tuner.tuning` alone also counts a session waiting idle for its key)."""
+        count = torch.tensor([float(sum(b.tuner.profile_calls for b in self.bindings()))])
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return int(count)
+
+    def profiling_step(self) -> bool:
+        """One step; whether any layer profiled in it."""
+        before = self.profile_calls()
+        self.step()
+        return self.profile_calls() > before
 
     def forward(self) -> torch.Tensor:
         return self.model(input_ids=self.batch["input_ids"], labels=self.batch["labels"]).loss
@@ -337,8 +345,7 @@ def _bench(rank: int, world: int, shape: ModelShape, tokens: int, repeats: int, 
                 mine.tuner.load_state_dict(tuned.tuner.state_dict())
         system.step()
         steps = 0
-        while steps < max_tune_steps and system.tuning():
-            system.step()
+        while steps < max_tune_steps and system.profiling_step():
             steps += 1
         tune_steps[name] = steps
     order = list(systems)
@@ -347,8 +354,9 @@ def _bench(rank: int, world: int, shape: ModelShape, tokens: int, repeats: int, 
     for r in range(repeats):
         for i in range(len(order)):
             name = order[(r + i) % len(order)]
+            before = systems[name].profile_calls()
             times[name].append(_timed(systems[name].step))
-            profiled[name] += int(systems[name].tuning())
+            profiled[name] += int(systems[name].profile_calls() > before)
     # Memory pass: allocator caching out of the way (see the module docstring).
     libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed tensors leave the process
     libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
