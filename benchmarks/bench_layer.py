@@ -14,6 +14,7 @@ seeded weights, routing and output gradient on every system. Systems (`SYSTEMS`)
     ours_n1                          n = 1, no reuse: the plain path (FastMoE-like)
     ours_n4                          pipelined, fixed n = 4, no reuse (FasterMoE/Tutel-like)
     ours_n<k>                        the same at n = k (the time-vs-n sweep)
+    ours_n<k>_<restore>              fixed n = k with a restore strategy (e.g. ours_n4_s4)
     ours_auto                        n and restore chosen by the layer's `LayerTuner`
                                      (`num_partitions="auto", restore="auto"`, optional
                                      `memory_budget`); timed after its profiling settles
@@ -48,12 +49,23 @@ from pipeline_common import (  # noqa: E402
     timed_once,
 )
 
-from lightning_mpipemoe import ExecutorConfig, ExpertWeights, SimulatedLink, build_process_groups  # noqa: E402
+from lightning_mpipemoe import RESTORE_STRATEGIES, ExecutorConfig, ExpertWeights, SimulatedLink, build_process_groups  # noqa: E402
 from lightning_mpipemoe.moe.executor import expert_parallel_forward, pipelined_expert_parallel_forward  # noqa: E402
 from lightning_mpipemoe.moe.memory import PipelineRecord, measure_call  # noqa: E402
 
 HF_SYSTEMS = ("hf_ep_grouped_mm", "hf_ep_eager", "hf_single_grouped_mm", "hf_single_eager")
 LINK_LATENCY_S = 1e-4
+
+
+def fixed_choice(system: str) -> tuple[int, str] | None:
+    """(n, restore) of a fixed system: `ours_n<k>` (no reuse) or `ours_n<k>_<restore>`; else None."""
+    if not system.startswith("ours_n"):
+        return None
+    n, _, restore = system[6:].partition("_")
+    restore = restore or "none"
+    if not n.isdigit() or int(n) < 1 or restore not in RESTORE_STRATEGIES:
+        return None
+    return int(n), restore
 
 
 def system_label(system: str) -> str:
@@ -67,7 +79,10 @@ def system_label(system: str) -> str:
     }
     if system in labels:
         return labels[system]
-    return f"ours n={int(system[6:])}, no reuse (FasterMoE/Tutel-like)"
+    n, restore = fixed_choice(system)
+    if restore != "none":
+        return f"ours n={n}, restore {restore}"
+    return f"ours n={n}, no reuse (FasterMoE/Tutel-like)"
 
 
 def _quartiles(times: list[float]) -> tuple[float, float]:
@@ -109,7 +124,8 @@ def run(rank: int, world: int, args: dict) -> dict:
             tuner = LayerTuner(name="bench")
             config = ExecutorConfig(num_partitions="auto", restore="auto", memory_budget=args["budget_bytes"], link=link)
         else:
-            config = ExecutorConfig(num_partitions=int(system[6:]), restore="none", link=link)
+            n, restore = fixed_choice(system)
+            config = ExecutorConfig(num_partitions=n, restore=restore, link=link)
 
         def forward():
             return expert_parallel_forward(hidden_TH, index_TK, weights_TK, experts, config=config, tuner=tuner, **kw)
@@ -163,8 +179,8 @@ def run(rank: int, world: int, args: dict) -> dict:
         "top_k": spec.top_k, "link": bool(args["link"]),
         "link_bandwidth_bytes_per_s": args["link_bandwidth"] if args["link"] else None,
         "budget_bytes": args["budget_bytes"],
-        "chosen_n": chosen[0] if chosen else (int(system[6:]) if system.startswith("ours_n") else None),
-        "chosen_restore": chosen[1] if chosen else ("none" if system.startswith("ours_n") else None),
+        "chosen_n": chosen[0] if chosen else (fixed_choice(system) or (None, None))[0],
+        "chosen_restore": chosen[1] if chosen else (fixed_choice(system) or (None, None))[1],
         "tuning_calls": tuning_calls,
         "median_s": median, "min_s": min(times), "max_s": max(times), "q1_s": q1, "q3_s": q3,
         "repeats": len(times), "warmup": args["warmup"], "times_s": times,
@@ -175,7 +191,8 @@ def run(rank: int, world: int, args: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    systems_help = "hf_ep_grouped_mm, hf_ep_eager, hf_single_grouped_mm, hf_single_eager, ours_n<k>, ours_auto"
+    systems_help = ("hf_ep_grouped_mm, hf_ep_eager, hf_single_grouped_mm, hf_single_eager, ours_n<k>, "
+                    "ours_n<k>_<restore>, ours_auto")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--system", required=True, help=systems_help)
     parser.add_argument("--ep", type=int, default=2)
@@ -190,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     system = args.system
-    if not (system in HF_SYSTEMS or system == "ours_auto" or (system.startswith("ours_n") and system[6:].isdigit())):
+    if not (system in HF_SYSTEMS or system == "ours_auto" or fixed_choice(system) is not None):
         parser.error(f"--system {system!r}: one of {systems_help}")
     if system in HF_SYSTEMS and args.link:
         parser.error("HF's AllToAllEP has no simulated-link seam; --link applies to ours only")

@@ -1,5 +1,6 @@
-"""The side-by-side benchmark suite: every configuration of `suite_configs.py`, one process
-launch each (`bench_layer.py`), then the end-to-end fine-tuning pair, then the report.
+"""The side-by-side benchmark suite: the whole-model steps against HF's EP (`bench_model_step.py`,
+every system interleaved in one launch per shape), every configuration of `suite_configs.py`,
+one process launch each (`bench_layer.py`), then the end-to-end fine-tuning pair, then the report.
 
     OMP_NUM_THREADS=1 python benchmarks/suite.py            # full run (< 20 min on 2 cores)
     OMP_NUM_THREADS=1 python benchmarks/suite.py --quick    # smoke run: a few small launches
@@ -64,6 +65,21 @@ def launch_one(run: Run, rows: list[dict], rows_dir: Path, repeats: int, warmup:
     return row
 
 
+def run_model_step(results_dir: Path) -> dict | None:
+    """The whole-model section: `bench_model_step.py` (both shapes) in its own process; None if it failed."""
+    out = results_dir / "model_step.json"
+    cmd = [sys.executable, str(HERE / "bench_model_step.py"), "--tokens", "1024", "--repeats", "5",
+           "--out", str(out)]
+    print("whole-model steps: " + " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    print(proc.stdout[-4000:], flush=True)
+    if proc.returncode != 0 or not out.exists():
+        print(f"  FAILED whole-model steps ({time.perf_counter() - start:.0f} s):\n{proc.stderr[-1500:]}", flush=True)
+        return None
+    return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: a few small launches, no end-to-end pair")
@@ -72,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                              "--quick defaults to benchmarks/results/quick)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--skip-e2e", action="store_true", help="no end-to-end fine-tuning pair")
+    parser.add_argument("--skip-model-step", action="store_true",
+                        help="no whole-model section (bench_model_step.py); --quick skips it too")
     args = parser.parse_args(argv)
     out_dir = args.out_dir or (HERE / "results" / "quick" if args.quick else None)
     results_dir = out_dir if out_dir else HERE / "results"
@@ -85,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     plan = runs(args.quick)
     rows: list[dict] = []
+    model_step = None
+    if not (args.quick or args.skip_model_step):
+        model_step = run_model_step(results_dir)
     print(f"suite: {len(plan)} launches, {repeats} timed steps each", flush=True)
     for i, run in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {run.key}", flush=True)
@@ -98,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick, "repeats": repeats, "warmup": warmup, "suite_wall_s": wall,
-        "link_bandwidth_bytes_per_s": LINK_BANDWIDTH, "rows": rows, "e2e": e2e,
+        "link_bandwidth_bytes_per_s": LINK_BANDWIDTH, "rows": rows, "e2e": e2e, "model_step": model_step,
     }
     name = "suite_quick" if args.quick else "suite"
     json_path = results_dir / f"{name}.json"

@@ -96,3 +96,62 @@ def test_suite_quick_mode(report, tmp_path):
     payload = json.loads((tmp_path / "suite_quick.json").read_text())
     assert payload["rows"] and all("error" not in r for r in payload["rows"])
     assert (tmp_path / "RESULTS.md").exists() and (tmp_path / "plots" / "time_vs_n.png").exists()
+
+
+def _model_step_result(default_ratio, budget_held):
+    def times(median):
+        return {"median_s": median, "min_s": median * 0.9, "max_s": median * 1.2, "runs": 5}
+
+    ratios = {"hf_ep": 1.0, "ours_default": default_ratio, "ours_budget50": 1.10, "ours_n1": 0.95}
+    memory = {"hf_ep": (100 * MIB, 10 * MIB, 400 * MIB), "ours_default": (90 * MIB, 8 * MIB, 380 * MIB),
+              "ours_budget50": (60 * MIB, budget_held, 300 * MIB), "ours_n1": (100 * MIB, 10 * MIB, 420 * MIB)}
+    return {
+        "shape": {"family": "mixtral"}, "tokens_per_rank": 2048, "repeats": 5, "budgets": {"ours_budget50": 5 * MIB},
+        "first_step_loss": dict.fromkeys(ratios, 6.25), "timed_steps_profiling": dict.fromkeys(ratios, 0),
+        "times": {s: times(0.5 * r) for s, r in ratios.items()},
+        "ratio_vs_hf_ep": {s: times(r) for s, r in ratios.items()},
+        "memory": {s: {"saved_bytes": m[0], "experts_bytes_per_layer": m[1], "peak_bytes": m[2]}
+                   for s, m in memory.items()},
+        "tuner_metrics_rank0": {"ours_default": [{"num_partitions": 4.0, "restore": 0.0}] * 2,
+                                "ours_budget50": [{"num_partitions": 8.0, "restore": 4.0}] * 2},
+    }
+
+
+def test_report_whole_model_section(report, tmp_path):
+    payload = _payload()
+    payload["model_step"] = {"results": {"mixtral": _model_step_result(0.9, 4 * MIB),
+                                         "qwen3": _model_step_result(1.2, 6 * MIB)}}
+    text = report.generate(payload, tmp_path / "RESULTS.md", tmp_path / "plots").read_text()
+    expect = text.index("## What to expect")
+    assert expect < text.index("## Checks") and "ours, default ExecutorConfig() 0.90× the step time, -5% peak" in text
+    row = "| ours, n=1 (plain path) | – | 475 [428, 570] | 0.95× [0.85, 1.14] | 100.0 | 10.0 | 420.0 | 6.250000 |"
+    assert row in text
+    assert "| ours, default ExecutorConfig() | n=4, none / n=4, none |" in text
+    assert "ours, memory_budget 50% of HF EP (5.0 MiB: within) | n=8, s4 / n=8, s4 |" in text
+    assert "(5.0 MiB: **over**)" in text  # the qwen3 result's budget row holds 6 MiB
+    checks = [line for line in text.splitlines() if line.startswith("- Mixtral") or line.startswith("- Qwen3")]
+    assert len(checks) == 2 and "default ExecutorConfig(): 0.90× HF EP (≤ 1.00×: **met**)" in checks[0]
+    assert "1.20× HF EP (≤ 1.00×: **not met**)" in checks[1] and "(≤ 1.15× and within: **not met**)" in checks[1]
+    png = tmp_path / "plots" / "model_step_memory_vs_time.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](plots/model_step_memory_vs_time.png)" in text
+
+
+@pytest.mark.slow  # one spawned gloo launch of three tiny-batch systems, about a minute on 2 cores
+def test_model_step_bench_agrees_across_systems(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "model_step.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_model_step.py"), "--shapes", "mixtral", "--tokens", "256",
+                           "--repeats", "2", "--max-tune-steps", "2", "--systems", "hf_ep", "ours_n1", "ours_budget50",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())["results"]["mixtral"]
+    losses = result["first_step_loss"]
+    assert max(losses.values()) - min(losses.values()) < 1e-5  # same weights, same batch, same model
+    assert set(result["times"]) == {"hf_ep", "ours_n1", "ours_budget50"}
+    assert result["ratio_vs_hf_ep"]["hf_ep"]["median_s"] == 1.0
+    memory = result["memory"]
+    assert all(m["saved_bytes"] > 0 and m["peak_bytes"] > 0 for m in memory.values())
+    # The plain path saves what HF's grouped_mm experts save, within the activations it keeps (SiLU outputs).
+    hf, n1 = memory["hf_ep"]["experts_bytes_per_layer"], memory["ours_n1"]["experts_bytes_per_layer"]
+    assert 0.5 * hf < n1 < 2 * hf
+    assert result["budgets"]["ours_budget50"] == int(0.5 * result["hf_ep_experts_bytes_per_layer"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -214,6 +215,27 @@ def test_strategy_choice_on_a_synthetic_calibration():
     assert footprint_bytes(shape, 1, "none") > footprint_bytes(shape, 2, "none")
 
 
+def test_cpu_budget_counts_what_offload_moves_to_the_host():
+    """On a CPU device the host is the budgeted memory: s1-s3's host bytes count as held, so a
+    budget at s4's footprint is met by recomputation + re-communication, not by offload."""
+    gpu = LayerShape(tokens=4096, top_k=2, hidden=128, intermediate=256, gated=True, ep_size=2, dtype_bytes=4)
+    cpu = replace(gpu, host_is_device=True)
+    n = 4
+    on_gpu = {s: footprint_bytes(gpu, n, s) for s in RESTORE_STRATEGIES}
+    on_cpu = {s: footprint_bytes(cpu, n, s) for s in RESTORE_STRATEGIES}
+    rows_bytes = gpu.rows * 4
+    host = {"none": 0, "s1": rows_bytes * (gpu.hidden + gpu.width), "s2": rows_bytes * gpu.width,
+            "s3": rows_bytes * gpu.hidden, "s4": 0}
+    assert {s: on_cpu[s] - on_gpu[s] for s in RESTORE_STRATEGIES} == host
+    # Offload beats recomputation with this calibration where the host is free memory ...
+    budget = on_gpu["none"] - 1
+    assert choose_strategy(gpu, n, budget, CALIBRATION).restore == "s1"
+    # ... but on CPU it only fits if what it holds on the host fits too.
+    assert choose_strategy(cpu, n, on_cpu["s4"], CALIBRATION).restore == "s4"
+    choice = choose_strategy(cpu, n, budget, CALIBRATION)
+    assert not choice.over_budget and on_cpu[choice.restore] <= budget
+
+
 def test_prediction_formula_by_hand():
     shape = LayerShape(tokens=100, top_k=1, hidden=10, intermediate=20, gated=False, ep_size=2, dtype_bytes=4)
     cal = Calibration(1e6, 1e5, 0.01, 1e6, 0.5, 0.0)
@@ -318,7 +340,8 @@ def test_budget_constrains_the_joint_choice():
     """A budget below every `none` footprint: no call runs `none`; the strategies chosen fit."""
     experts = make_experts(E)
     key = 2 * 64
-    shape = LayerShape(tokens=64, top_k=K, hidden=H, intermediate=I, gated=True, ep_size=1, dtype_bytes=4)
+    shape = LayerShape(tokens=64, top_k=K, hidden=H, intermediate=I, gated=True, ep_size=1, dtype_bytes=4,
+                       host_is_device=True)  # a CPU layer: its host bytes are in the budget
     sizes = {(n, s): footprint_bytes(shape, n, s) for n in (1, 2, 4, 8) for s in RESTORE_STRATEGIES}
     budget = min(sizes[(n, "none")] for n in (1, 2, 4, 8)) - 1
     tuner = RecordingTuner(max_rounds=4)

@@ -131,9 +131,13 @@ def footprint_bytes(shape: LayerShape, num_partitions: int, restore: str) -> int
 
     n = 1 without reuse runs the plain autograd path (`analytic_memory(..., "reference")`,
     which also keeps the activation outputs); its temporaries are priced as the pipeline's.
+    On a CPU device (`shape.host_is_device`) offloading moves nothing out of the memory the
+    budget bounds, so the host bytes count as held: a budget is met there by recomputation and
+    re-communication.
     """
     kind = "reference" if (num_partitions == 1 and restore == "none") else restore
-    held = analytic_memory(shape, num_partitions, kind).device_held_bytes
+    memory = analytic_memory(shape, num_partitions, kind)
+    held = memory.device_held_bytes + (memory.host_held_bytes if shape.host_is_device else 0)
     temps = analytic_memory(shape, num_partitions, restore)
     return held + max(temps.forward_peak_temp_bytes or 0, temps.backward_peak_temp_bytes or 0)
 

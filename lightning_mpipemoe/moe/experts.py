@@ -123,17 +123,20 @@ def expert_output_projection(act_SI: torch.Tensor, offsets_E: torch.Tensor, expe
     return y_SH
 
 
-def _one_expert(experts: ExpertWeights, e: int) -> ExpertWeights:
-    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[e : e + 1]
+def _each_expert(experts: ExpertWeights) -> list[ExpertWeights]:
+    """One `ExpertWeights` per local expert (views `[1, ...]` of the stacked tensors).
 
-    return replace(
-        experts,
-        w_in_EOH=rows(experts.w_in_EOH),
-        w_out_EHI=rows(experts.w_out_EHI),
-        b_in_EO=rows(experts.b_in_EO),
-        b_out_EH=rows(experts.b_out_EH),
-    )
+    Split with one `unbind` per tensor: its backward stacks the experts' gradients into one
+    `[L, ...]` tensor. Indexing `t[e : e + 1]` per expert instead costs, in backward, a zero
+    `[L, ...]` tensor and a full-size add per expert (L^2 work: at 32 local experts it was
+    most of a fine-grained model's step on CPU)."""
+
+    def split(t: torch.Tensor | None) -> list:
+        return [None] * experts.num_local_experts if t is None else [w.unsqueeze(0) for w in t.unbind(0)]
+
+    fields = ("w_in_EOH", "w_out_EHI", "b_in_EO", "b_out_EH")
+    per_field = [split(getattr(experts, name)) for name in fields]
+    return [replace(experts, **dict(zip(fields, parts))) for parts in zip(*per_field)]
 
 
 def _expert_ffn_by_segment(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts: ExpertWeights,
@@ -141,12 +144,19 @@ def _expert_ffn_by_segment(x_SH: torch.Tensor, offsets_E: torch.Tensor, experts:
     """One expert at a time, for CPU: the per-expert intermediates stay in cache, and the
     allocator reuses them instead of mapping fresh pages for one `[S, 2I]` tensor per call
     (tens of thousands of page faults a step). Bit-identical to the grouped form. `ends` is
-    the host copy of `offsets_E` when the caller has one (the dispatch plan does)."""
+    the host copy of `offsets_E` when the caller has one (the dispatch plan does).
+
+    Rows and weights are cut with one `split` / `unbind` each (not a slice per expert), so
+    that backward assembles each full gradient once (see `_each_expert`)."""
+    ends = list(ends if ends is not None else offsets_E.tolist())
+    sizes = [end - start for start, end in zip([0, *ends[:-1]], ends)]
+    rows_by_expert = x_SH.split([*sizes, x_SH.shape[0] - (ends[-1] if ends else 0)])
     pieces, start = [], 0
-    for e, end in enumerate(ends if ends is not None else offsets_E.tolist()):
+    each = _each_expert(experts)
+    for e, end in enumerate(ends):
         if end > start:
-            one = _one_expert(experts, e)
-            pre_SO = expert_input_projection(x_SH[start:end], offsets_E.new_tensor([end - start]), one)
+            one = each[e]
+            pre_SO = expert_input_projection(rows_by_expert[e], offsets_E.new_tensor([end - start]), one)
             pieces.append(expert_output_projection(expert_activation(pre_SO, one), offsets_E.new_tensor([end - start]), one))
         start = end
     if not pieces:  # no rows: the grouped form keeps the (empty) output in the autograd graph

@@ -178,7 +178,11 @@ def measure_call(
 
 @dataclass(frozen=True)
 class LayerShape:
-    """One rank's share of one MoE layer call."""
+    """One rank's share of one MoE layer call.
+
+    `host_is_device`: the layer's device is the host (CPU), so what s1-s3 "offload" stays in the
+    same memory; a budget must then count the host bytes too (`cost_model.footprint_bytes`).
+    """
 
     tokens: int
     top_k: int
@@ -187,6 +191,7 @@ class LayerShape:
     gated: bool = True
     ep_size: int = 2
     dtype_bytes: int = 4
+    host_is_device: bool = False
 
     @property
     def width(self) -> int:

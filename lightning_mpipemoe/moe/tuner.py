@@ -374,10 +374,11 @@ class LayerTuner:
         return abs(math.log(key / session.key)) <= math.log1p(self.tolerance)
 
     def _shape(self, key: int) -> LayerShape:
-        top_k, experts, dtype, ep_size, _, _ = self._shape_args
+        top_k, experts, dtype, ep_size, device, _ = self._shape_args
         return LayerShape(tokens=-(-key // top_k), top_k=top_k, hidden=experts.hidden_size,
                           intermediate=experts.intermediate_size, gated=experts.gated, ep_size=ep_size,
-                          dtype_bytes=torch.empty((), dtype=dtype).element_size())
+                          dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+                          host_is_device=device.type == "cpu")
 
     def _strategy(self, n: int, key: int) -> StrategyChoice:
         """The restore strategy at (n, key): the cost model's pick (`_modelled`), unless a
