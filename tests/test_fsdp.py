@@ -134,6 +134,20 @@ class Record(Callback):
         (self.root / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+class ExportAtEnd(Callback):
+    """A plain Hugging Face directory of the trained model, written by every rank
+    (`export_pretrained` on FSDP's sharded parameters: each rank writes what it owns)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from lightning_mpipemoe.hf_models.api import export_pretrained
+
+        strategy = trainer.strategy
+        export_pretrained(pl_module.model, self.out_dir, strategy.moe_groups, barrier_group=strategy.checkpoint_group)
+
+
 @functools.cache
 def reference(worlds: tuple[int, ...]) -> dict:
     """One process, unmodified HF model, step s split as `worlds[s]` ranks would split it:
@@ -249,7 +263,8 @@ def dp2_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_dp2")
     module = BuiltInConfigureModel()
     pipelined = {"granularity": 2, "restore": "s4"}
-    records = _fit(4, module, root, callbacks=[SaveAt({3: root / "step3.ckpt"})], strategy_kwargs=pipelined)
+    callbacks = [SaveAt({3: root / "step3.ckpt"}), ExportAtEnd(root / "hf")]
+    records = _fit(4, module, root, callbacks=callbacks, strategy_kwargs=pipelined)
     return root, records, module.state_dict()
 
 
@@ -314,6 +329,49 @@ def test_bf16_policies():
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+
+_LOAD_PLAIN = """
+import sys, torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+assert not any(name.startswith("lightning_mpipemoe") for name in sys.modules), "the package was imported"
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, sys.argv[3])
+"""
+
+
+@needs_divide_factor
+def test_fsdp_export_loads_with_plain_transformers(dp2_run, tmp_path):
+    """The 4-process run's export (EP 2 x expert-dp 2: every rank one file, its own 2 of the 8
+    experts of each layer and the dense tensors it was given) loads with plain transformers in
+    a subprocess (this package not imported, cwd outside the repository) and gives the logits
+    of the trained model (the reference model with the run's final parameters)."""
+    import sys
+
+    from tests.commands import run_command
+
+    root, _, state = dp2_run
+    out = root / "hf"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-rank{r:05d}-of-00004.safetensors" for r in range(4)], files
+    ids = TokenData().ids[:2]
+    torch.save(ids, tmp_path / "ids.pt")
+    done = run_command(
+        [sys.executable, "-c", _LOAD_PLAIN, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = tiny_model(FAMILY)
+    trained.load_state_dict({k[len("model.") :]: v for k, v in state.items()})
+    with torch.no_grad():
+        expected = trained.eval()(input_ids=ids).logits
+        untrained = tiny_model(FAMILY).eval()(input_ids=ids).logits
+    got = torch.load(tmp_path / "logits.pt")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (expected - untrained).abs().max() > 100 * TOL  # the export is of the trained model
 
 
 @needs_divide_factor
