@@ -34,7 +34,13 @@ from lightning.pytorch.strategies import StrategyRegistry
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_mpipemoe.fsdp import _set_divide_factor, local_state_bytes, mixed_precision_policy, warn_bf16_true
+from lightning_mpipemoe.fsdp import (
+    _set_divide_factor,
+    local_state_bytes,
+    local_tensor,
+    mixed_precision_policy,
+    warn_bf16_true,
+)
 from lightning_mpipemoe.hf_models.lightning_modules import MoECausalLMModule
 from lightning_mpipemoe.memory_plan import count_model, meta_model, plan_rank
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
@@ -372,6 +378,78 @@ def test_fsdp_export_loads_with_plain_transformers(dp2_run, tmp_path):
     got = torch.load(tmp_path / "logits.pt")
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert (expected - untrained).abs().max() > 100 * TOL  # the export is of the trained model
+
+
+#: A model whose experts dominate: 2 layers of 8 experts of 3 x 256 x 4096 fp32 weights, 201 MB in
+#: all, 50 MB per rank at EP 2 x expert-dp 2 (the whole is 4x a rank's share).
+BIG = {"hidden_size": 256, "moe_intermediate_size": 4096}
+#: What a rank may allocate during the export beyond its own shards and the tensors in flight:
+#: the interpreter's, safetensors' and the conversion's fixed costs.
+EXPORT_OVERHEAD = 48 * 2**20
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _export_memory_worker(rank: int, world: int, out_dir: Path, results: Path) -> None:
+    """Convert (EP 2) and `fully_shard` the big model (no Lightning), then export it, measuring this
+    rank's peak RSS during the export alone (VmHWM reset just before, `/proc/self/clear_refs`)."""
+    import ctypes
+    import gc
+
+    from lightning_mpipemoe.fsdp import shard_model
+    from lightning_mpipemoe.groups import build_process_groups
+    from lightning_mpipemoe.hf_models.api import convert_model, export_pretrained, sharded_expert_keys
+
+    groups = build_process_groups(2, timeout=TIMEOUT)
+    model = convert_model(tiny_model(FAMILY, **BIG), groups, track_stats=False)
+    keys = sharded_expert_keys(model)
+    shard_model(model, keys, groups, "cpu")
+    state = model.state_dict()
+    own = sum(local_tensor(v).numel() * v.element_size() for v in state.values())
+    largest_local = max(local_tensor(v).numel() * v.element_size() for v in state.values())
+    # The largest tensor a file holds: a dense one whole, or one expert's slice of an expert parameter.
+    largest = max(
+        v.numel() // (keys[k] // groups.ep_size if k in keys else 1) * v.element_size() for k, v in state.items()
+    )
+    experts = sum(v.numel() * v.element_size() * groups.ep_size for k, v in state.items() if k in keys)
+    del state
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # the full model built before sharding goes back to the OS
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _status_bytes("VmRSS")
+    export_pretrained(model, out_dir, groups)
+    peak = _status_bytes("VmHWM")
+    record = {"before": before, "peak": peak, "own": own, "largest": largest, "largest_local": largest_local,
+              "experts": experts}  # fmt: skip
+    (results / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+@needs_divide_factor
+def test_fsdp_export_memory_stays_within_own_shard_and_one_tensor(tmp_path):
+    """4 processes (EP 2 x expert-dp 2), experts 4x a rank's share: during the export each rank's
+    peak RSS grows by at most its largest local parameter (converted whole), the largest tensor of
+    the files (gathered or converted) and a fixed overhead, far below the experts' full size:
+    no rank gathers the model."""
+    from tests.dist_utils import run_distributed
+
+    run_distributed(_export_memory_worker, 4, tmp_path / "hf", tmp_path, timeout_s=300)
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    for rank, r in enumerate(records):
+        bound = r["largest_local"] + r["largest"] + EXPORT_OVERHEAD
+        assert r["experts"] > 2 * bound, (rank, r)  # a gather of the experts would break the bound
+        print(
+            f"rank {rank}: export peak RSS growth {(r['peak'] - r['before']) / 2**20:.1f} MiB, bound "
+            f"{bound / 2**20:.1f} MiB, own shards {r['own'] / 2**20:.1f} MiB, experts {r['experts'] / 2**20:.1f} MiB"
+        )
+        assert r["peak"] - r["before"] <= bound, (rank, r["peak"] - r["before"], bound, r)
+    weight_map = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    per_expert = [k for k in weight_map if ".mlp.experts." in k]
+    assert len(per_expert) == 2 * 8 * 3 and len(set(weight_map.values())) == 4, sorted(weight_map)
 
 
 @needs_divide_factor
