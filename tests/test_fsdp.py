@@ -401,9 +401,12 @@ def _export_memory_worker(rank: int, world: int, out_dir: Path, results: Path) -
     import ctypes
     import gc
 
+    from torch.distributed.tensor import DTensor
+
     from lightning_mpipemoe.fsdp import shard_model
     from lightning_mpipemoe.groups import build_process_groups
-    from lightning_mpipemoe.hf_models.api import convert_model, export_pretrained, sharded_expert_keys
+    from lightning_mpipemoe.hf_models.api import LoadReport, convert_model, export_pretrained, sharded_expert_keys
+    from lightning_mpipemoe.hf_models.fsdp_load import load_fsdp
 
     groups = build_process_groups(2, timeout=TIMEOUT)
     model = convert_model(tiny_model(FAMILY, **BIG), groups, track_stats=False)
@@ -424,17 +427,35 @@ def _export_memory_worker(rank: int, world: int, out_dir: Path, results: Path) -
     before = _status_bytes("VmRSS")
     export_pretrained(model, out_dir, groups)
     peak = _status_bytes("VmHWM")
+    # Loaded back into shards (meta device, fully_shard, each rank reading its slices).
+    Path("/proc/self/clear_refs").write_text("5")
+    load_before = _status_bytes("VmRSS")
+    report = LoadReport()
+    loaded = load_fsdp(out_dir, groups, report=report)
+    load_peak = _status_bytes("VmHWM")
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert sorted(mine) == sorted(theirs), sorted(set(mine) ^ set(theirs))
+    for key, value in mine.items():
+        assert type(theirs[key]) is type(value), key
+        if isinstance(value, DTensor):
+            assert theirs[key].placements == value.placements and theirs[key].shape == value.shape, key
+        torch.testing.assert_close(local_tensor(theirs[key]), local_tensor(value), atol=0, rtol=0, msg=key)
+    for (name, buffer), (_, original) in zip(loaded.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(buffer, original, atol=0, rtol=0, msg=name)
     record = {"before": before, "peak": peak, "own": own, "largest": largest, "largest_local": largest_local,
-              "experts": experts}  # fmt: skip
+              "experts": experts, "load_before": load_before, "load_peak": load_peak,
+              "bytes_read": report.bytes_read, "checkpoint_bytes": report.checkpoint_bytes}  # fmt: skip
     (results / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 @needs_divide_factor
-def test_fsdp_export_memory_stays_within_own_shard_and_one_tensor(tmp_path):
+def test_fsdp_export_and_load_memory_stay_within_own_shard_and_one_tensor(tmp_path):
     """4 processes (EP 2 x expert-dp 2), experts 4x a rank's share: during the export each rank's
     peak RSS grows by at most its largest local parameter (converted whole), the largest tensor of
     the files (gathered or converted) and a fixed overhead, far below the experts' full size:
-    no rank gathers the model."""
+    no rank gathers the model. Loading the export back (`load_fsdp`) gives every rank the same
+    shards (and buffers) as the model that was exported, reading only its own slices, its RSS
+    growing by its new shards plus the same per-tensor bound."""
     from tests.dist_utils import run_distributed
 
     run_distributed(_export_memory_worker, 4, tmp_path / "hf", tmp_path, timeout_s=300)
@@ -447,6 +468,15 @@ def test_fsdp_export_memory_stays_within_own_shard_and_one_tensor(tmp_path):
             f"{bound / 2**20:.1f} MiB, own shards {r['own'] / 2**20:.1f} MiB, experts {r['experts'] / 2**20:.1f} MiB"
         )
         assert r["peak"] - r["before"] <= bound, (rank, r["peak"] - r["before"], bound, r)
+        # Loading: the new model's own shards, the pages of the slices it read (safetensors memory-maps
+        # the files: file-backed, counted in RSS while the files are open), one tensor in flight.
+        load_bound = r["own"] + r["bytes_read"] + bound
+        print(
+            f"rank {rank}: load peak RSS growth {(r['load_peak'] - r['load_before']) / 2**20:.1f} MiB, bound "
+            f"{load_bound / 2**20:.1f} MiB, read {r['bytes_read'] / 2**20:.1f} of {r['checkpoint_bytes'] / 2**20:.1f} MiB"
+        )
+        assert r["load_peak"] - r["load_before"] <= load_bound, (rank, r)
+        assert r["bytes_read"] <= r["own"] * 1.01 < r["checkpoint_bytes"] / 3, (rank, r)  # its slices only
     weight_map = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
     per_expert = [k for k in weight_map if ".mlp.experts." in k]
     assert len(per_expert) == 2 * 8 * 3 and len(set(weight_map.values())) == 4, sorted(weight_map)
