@@ -326,15 +326,18 @@ def setup_strategy(strategy: Any, trainer: Any) -> FSDPLayout:
     strategy.precision_plugin.convert_module(module)
     strategy.model_to_device()
     groups = strategy.moe_groups
-    check_shardable(module, strategy._expert_keys)  # before the broadcasts
-    sync_dense_state(module, strategy._expert_keys, groups)
-    layout = shard_model(
-        module,
-        strategy._expert_keys,
-        groups,
-        strategy.root_device.type,
-        mixed_precision_policy(strategy.precision_plugin),
-    )
+    layout = getattr(strategy, "_fsdp", None)
+    if layout is None or not any(isinstance(p, _dtensor()) for p in module.parameters()):
+        # Not sharded yet (a second setup, e.g. fit after validate, keeps the shards it has).
+        check_shardable(module, strategy._expert_keys)  # before the broadcasts
+        sync_dense_state(module, strategy._expert_keys, groups)
+        layout = shard_model(
+            module,
+            strategy._expert_keys,
+            groups,
+            strategy.root_device.type,
+            mixed_precision_policy(strategy.precision_plugin),
+        )
     fitting = trainer.state.fn == TrainerFn.FITTING
     if fitting:
         strategy.setup_optimizers(trainer)
