@@ -549,6 +549,83 @@ def test_dcp_save_interrupted_keeps_the_previous_checkpoint(tmp_path, monkeypatc
         torch.testing.assert_close(fresh.lightning_module.state_dict()[key], value, atol=0, rtol=0)
 
 
+def _save_then_die_worker(rank: int, world: int, path: Path) -> None:
+    """Both ranks save a checkpoint of their own Linear (step 1); then rank 1 is killed
+    (`os._exit`, no exception, no cleanup) in the middle of the next save, right after
+    writing its shard file."""
+    import os
+    import types
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    from lightning_mpipemoe import dcp_checkpoint
+
+    def broadcast(obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    setattr(module, f"rank{rank}", torch.nn.Linear(4, 3))  # every rank its own tensors
+    strategy = types.SimpleNamespace(
+        lightning_module=module, optimizers=[], _expert_keys={},
+        _fsdp=types.SimpleNamespace(expert_mesh=None), _checkpoint_group=None, is_global_zero=rank == 0,
+        broadcast=broadcast, _executor_state=dict,
+    )  # fmt: skip
+    dcp_checkpoint.save(strategy, {"global_step": 1}, path)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+    if rank == 1:
+        write_data = FileSystemWriter.write_data
+
+        def write_then_die(self, plan, planner):
+            future = write_data(self, plan, planner)
+            future.wait()  # the shard is on disk, then the process is gone
+            os._exit(9)
+
+        FileSystemWriter.write_data = write_then_die
+    dcp_checkpoint.save(strategy, {"global_step": 2}, path)
+
+
+def test_dcp_save_with_a_killed_rank_keeps_the_previous_checkpoint(tmp_path):
+    """2 processes: rank 1 dies (os._exit) half-way through the second save. The job fails;
+    `path` still holds the first checkpoint, complete: it loads, with the step-1 weights of both
+    ranks' modules (the model only: the ranks' optimizers differ, so none is saved)."""
+    import types
+
+    from torch.multiprocessing import ProcessExitedException
+
+    from lightning_mpipemoe import dcp_checkpoint
+    from tests.dist_utils import run_distributed
+
+    path = tmp_path / "latest.ckpt"
+    with pytest.raises((ProcessExitedException, AssertionError)) as failed:
+        run_distributed(_save_then_die_worker, 2, path, timeout_s=30)
+    # Either rank 1's exit is seen first, or rank 0's collective failing on the vanished peer.
+    if isinstance(failed.value, ProcessExitedException):
+        assert (failed.value.error_index, failed.value.exit_code) == (1, 9), failed.value
+    else:
+        assert "--- rank 0 ---" in str(failed.value) and "--- rank 1 ---" not in str(failed.value), failed.value
+    assert len(list(tmp_path.glob(".latest.ckpt.tmp-*"))) == 1  # the unfinished save, never renamed
+    module, expected = torch.nn.Module(), {}
+    for r in range(2):
+        torch.manual_seed(0)  # as rank r built its Linear
+        expected.update({f"rank{r}.{k}": v for k, v in torch.nn.Linear(4, 3).state_dict().items()})
+        setattr(module, f"rank{r}", torch.nn.Linear(4, 3))
+        torch.nn.init.zeros_(getattr(module, f"rank{r}").weight)
+    fresh = types.SimpleNamespace(
+        lightning_module=module, optimizers=[], _expert_keys={}, _fsdp=types.SimpleNamespace(expert_mesh=None),
+        _checkpoint_group=None, is_global_zero=True, broadcast=lambda obj: obj, _executor_state=dict,
+    )  # fmt: skip
+    meta = dcp_checkpoint.load(fresh, path)
+    assert meta["global_step"] == 1
+    for key, value in expected.items():
+        torch.testing.assert_close(module.state_dict()[key], value, atol=0, rtol=0, msg=key)
+
+
 def test_unshardable_models_are_refused_by_name():
     """Raised in setup before any collective: what FSDP over two meshes cannot shard."""
     from lightning_mpipemoe.fsdp import check_shardable
