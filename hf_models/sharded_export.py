@@ -9,6 +9,9 @@ Layout of the exported directory (standard Hugging Face sharded safetensors, whi
                                             its own experts, under their global indices
     model.safetensors.index.json            global rank 0, from the ranks' index fragments
 
+A model trained with `sharding="fsdp"` (DTensor parameters) is written one file per rank,
+each with what that rank owns (`fsdp_export`), under the same index.
+
 The expert tensors are written in the checkpoint format transformers saves (its own reversal
 of the load-time conversion, `revert_weight_conversion`: fused `experts.gate_up_proj` back
 to per-expert `experts.{i}.w1.weight` ...), renumbered from local to global expert indices.
@@ -45,6 +48,7 @@ from lightning_mpipemoe import collectives
 from lightning_mpipemoe.atomic_dir import commit_directory, fsync_files, new_token, remove_stale, temporary_directory
 from lightning_mpipemoe.groups import MoEProcessGroups
 
+from .fsdp_export import has_dtensors, write_rank_file
 from .registry import ADAPTER_ATTR, adapter_for
 
 __all__ = ["INDEX_FILE", "export_sharded", "write_safetensors"]
@@ -245,9 +249,11 @@ def export_sharded(
         written: list[str] = []
         weight_map: dict[str, str] = {}
         total = 0
+        if has_dtensors(local):  # sharding="fsdp": every rank writes what it owns (fsdp_export)
+            written, weight_map, total = write_rank_file(tmp, converter, local, sharded, groups, skeleton)
         # One data-parallel replica writes the experts (with groups of one process on a larger
         # world, e.g. plain DDP, every rank holds all of them: rank 0 writes).
-        if groups.expert_dp_rank == 0 and (groups.ep_size > 1 or rank == 0):
+        elif groups.expert_dp_rank == 0 and (groups.ep_size > 1 or rank == 0):
             fused = []
             name = expert_file(groups.ep_rank, groups.ep_size)
             expert_groups = []
@@ -261,13 +267,14 @@ def export_sharded(
                 written.append(name)
             if fused:
                 total += _write_fused(tmp, converter, local, fused, groups, sharded, weight_map, written)
-        if rank == 0:
+        if rank == 0 and not has_dtensors(local):
             dense = {k: v for k, v in local.items() if k not in sharded}
             dense = remove_tied_weights_from_state_dict(dense, skeleton)
             dense_groups = [converter.dense_group(k, v) for k, v in dense.items()]
             total += write_safetensors(tmp / SHARED_FILE, dense_groups)
             weight_map.update(dict.fromkeys((n for declared, _ in dense_groups for n in declared), SHARED_FILE))
             written.append(SHARED_FILE)
+        if rank == 0:
             config.architectures = [type(skeleton).__name__]  # as save_pretrained records it
             config.save_pretrained(tmp)
             generation = getattr(model, "generation_config", None)

@@ -169,15 +169,16 @@ def _owners(module: nn.Module, expert_keys: Iterable[str]) -> dict[str, nn.Modul
     return owners
 
 
-def check_shardable(module: nn.Module, expert_keys: Iterable[str]) -> dict[str, nn.Module]:
+def check_shardable(module: nn.Module, expert_keys: Iterable[str], allow_meta: bool = False) -> dict[str, nn.Module]:
     """Raise a ValueError for what `shard_model` cannot shard (call before any collective);
-    returns the modules that own expert parameters."""
+    returns the modules that own expert parameters. `allow_meta`: meta-device parameters are
+    fine (the caller materialises the shards, e.g. `hf_models.fsdp_load.load_fsdp`)."""
     if any(True for _ in module.parameters(recurse=False)):
         raise ValueError(
             f"sharding='fsdp': {type(module).__name__} holds parameters directly "
             f"({[n for n, _ in module.named_parameters(recurse=False)][:5]}); keep them in a submodule (e.g. self.model)"
         )
-    meta = [n for n, p in module.named_parameters() if p.is_meta]
+    meta = [] if allow_meta else [n for n, p in module.named_parameters() if p.is_meta]
     if meta:
         raise ValueError(
             f"sharding='fsdp' does not materialise meta-device parameters yet (e.g. {meta[:3]}); build the model "
@@ -192,11 +193,12 @@ def shard_model(
     groups: MoEProcessGroups,
     device_type: str,
     mp_policy: Any = None,
+    allow_meta: bool = False,
 ) -> FSDPLayout:
     """`fully_shard` the (EP-sharded) `module` in place: experts over `expert_dp`, the rest over
     the world (see the module docstring for the order and the divide factor)."""
     _, _, fully_shard = _fsdp()
-    owners = check_shardable(module, expert_keys)
+    owners = check_shardable(module, expert_keys, allow_meta)
     dense_mesh, expert_mesh = build_meshes(groups, device_type)
     layout = FSDPLayout(dense_mesh, expert_mesh, groups)
     kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
@@ -324,15 +326,18 @@ def setup_strategy(strategy: Any, trainer: Any) -> FSDPLayout:
     strategy.precision_plugin.convert_module(module)
     strategy.model_to_device()
     groups = strategy.moe_groups
-    check_shardable(module, strategy._expert_keys)  # before the broadcasts
-    sync_dense_state(module, strategy._expert_keys, groups)
-    layout = shard_model(
-        module,
-        strategy._expert_keys,
-        groups,
-        strategy.root_device.type,
-        mixed_precision_policy(strategy.precision_plugin),
-    )
+    layout = getattr(strategy, "_fsdp", None)
+    if layout is None or not any(isinstance(p, _dtensor()) for p in module.parameters()):
+        # Not sharded yet (a second setup, e.g. fit after validate, keeps the shards it has).
+        check_shardable(module, strategy._expert_keys)  # before the broadcasts
+        sync_dense_state(module, strategy._expert_keys, groups)
+        layout = shard_model(
+            module,
+            strategy._expert_keys,
+            groups,
+            strategy.root_device.type,
+            mixed_precision_policy(strategy.precision_plugin),
+        )
     fitting = trainer.state.fn == TrainerFn.FITTING
     if fitting:
         strategy.setup_optimizers(trainer)

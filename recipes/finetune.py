@@ -151,6 +151,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     from lightning_mpipemoe.recipes.reporting import RunMonitor
 
     model_dir = _model_dir(cfg)
+    if _is_launching_process():
+        _check_memory_plan(cfg)  # before any process starts (the model's config.json is there now)
     hf_config = json.loads((model_dir / "config.json").read_text())
     _check_model_type(cfg, hf_config)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -308,6 +310,30 @@ def _finish_job(trainer: pl.Trainer | None, saved_env: dict[str, str | None], fa
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def _check_memory_plan(cfg: DictConfig) -> None:
+    """Raise a `RecipeError` when the configured run does not fit its devices by the memory
+    plan (`recipes.plan`); only where the device memory is known: `plan.device_memory`, or
+    CUDA's own for a GPU run on a machine with one (CPU runs are not planned)."""
+    memory = (cfg.get("plan") or {}).get("device_memory")
+    if memory is None and str(cfg.trainer.get("accelerator")) in ("gpu", "cuda"):
+        import torch
+
+        memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    if memory is None:
+        return
+    from lightning_mpipemoe.recipes.plan import plan_from_config
+
+    _, plans, chosen, suggestions = plan_from_config(cfg)
+    plan = plans[chosen]
+    if plan.fits is False:
+        what = f"; would fit: {'; '.join(suggestions)}" if suggestions else ""
+        raise RecipeError(
+            f"strategy.sharding={chosen}: the run needs {plan.total / 1e9:.1f} GB per rank by the memory plan, the "
+            f"device has {plan.device_memory / 1e9:.1f} GB (python -m lightning_mpipemoe.recipes.plan with the same "
+            f"overrides prints the table){what}"
+        )
 
 
 def run(cfg: DictConfig) -> dict | None:

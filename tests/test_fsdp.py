@@ -34,7 +34,13 @@ from lightning.pytorch.strategies import StrategyRegistry
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_mpipemoe.fsdp import _set_divide_factor, local_state_bytes, mixed_precision_policy, warn_bf16_true
+from lightning_mpipemoe.fsdp import (
+    _set_divide_factor,
+    local_state_bytes,
+    local_tensor,
+    mixed_precision_policy,
+    warn_bf16_true,
+)
 from lightning_mpipemoe.hf_models.lightning_modules import MoECausalLMModule
 from lightning_mpipemoe.memory_plan import count_model, meta_model, plan_rank
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
@@ -132,6 +138,20 @@ class Record(Callback):
             "checkpointing": bool(getattr(pl_module.model, "is_gradient_checkpointing", False)),
         }
         (self.root / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class ExportAtEnd(Callback):
+    """A plain Hugging Face directory of the trained model, written by every rank
+    (`export_pretrained` on FSDP's sharded parameters: each rank writes what it owns)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from lightning_mpipemoe.hf_models.api import export_pretrained
+
+        strategy = trainer.strategy
+        export_pretrained(pl_module.model, self.out_dir, strategy.moe_groups, barrier_group=strategy.checkpoint_group)
 
 
 @functools.cache
@@ -249,7 +269,8 @@ def dp2_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp_dp2")
     module = BuiltInConfigureModel()
     pipelined = {"granularity": 2, "restore": "s4"}
-    records = _fit(4, module, root, callbacks=[SaveAt({3: root / "step3.ckpt"})], strategy_kwargs=pipelined)
+    callbacks = [SaveAt({3: root / "step3.ckpt"}), ExportAtEnd(root / "hf")]
+    records = _fit(4, module, root, callbacks=callbacks, strategy_kwargs=pipelined)
     return root, records, module.state_dict()
 
 
@@ -314,6 +335,151 @@ def test_bf16_policies():
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+
+_LOAD_PLAIN = """
+import sys, torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+assert not any(name.startswith("lightning_mpipemoe") for name in sys.modules), "the package was imported"
+ids = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, sys.argv[3])
+"""
+
+
+@needs_divide_factor
+def test_fsdp_export_loads_with_plain_transformers(dp2_run, tmp_path):
+    """The 4-process run's export (EP 2 x expert-dp 2: every rank one file, its own 2 of the 8
+    experts of each layer and the dense tensors it was given) loads with plain transformers in
+    a subprocess (this package not imported, cwd outside the repository) and gives the logits
+    of the trained model (the reference model with the run's final parameters)."""
+    import sys
+
+    from tests.commands import run_command
+
+    root, _, state = dp2_run
+    out = root / "hf"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-rank{r:05d}-of-00004.safetensors" for r in range(4)], files
+    ids = TokenData().ids[:2]
+    torch.save(ids, tmp_path / "ids.pt")
+    done = run_command(
+        [sys.executable, "-c", _LOAD_PLAIN, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = tiny_model(FAMILY)
+    trained.load_state_dict({k[len("model.") :]: v for k, v in state.items()})
+    with torch.no_grad():
+        expected = trained.eval()(input_ids=ids).logits
+        untrained = tiny_model(FAMILY).eval()(input_ids=ids).logits
+    got = torch.load(tmp_path / "logits.pt")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (expected - untrained).abs().max() > 100 * TOL  # the export is of the trained model
+
+
+#: A model whose experts dominate: 2 layers of 8 experts of 3 x 256 x 4096 fp32 weights, 201 MB in
+#: all, 50 MB per rank at EP 2 x expert-dp 2 (the whole is 4x a rank's share).
+BIG = {"hidden_size": 256, "moe_intermediate_size": 4096}
+#: What a rank may allocate during the export beyond its own shards and the tensors in flight:
+#: the interpreter's, safetensors' and the conversion's fixed costs.
+EXPORT_OVERHEAD = 48 * 2**20
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _export_memory_worker(rank: int, world: int, out_dir: Path, results: Path) -> None:
+    """Convert (EP 2) and `fully_shard` the big model (no Lightning), then export it, measuring this
+    rank's peak RSS during the export alone (VmHWM reset just before, `/proc/self/clear_refs`)."""
+    import ctypes
+    import gc
+
+    from torch.distributed.tensor import DTensor
+
+    from lightning_mpipemoe.fsdp import shard_model
+    from lightning_mpipemoe.groups import build_process_groups
+    from lightning_mpipemoe.hf_models.api import LoadReport, convert_model, export_pretrained, sharded_expert_keys
+    from lightning_mpipemoe.hf_models.fsdp_load import load_fsdp
+
+    groups = build_process_groups(2, timeout=TIMEOUT)
+    model = convert_model(tiny_model(FAMILY, **BIG), groups, track_stats=False)
+    keys = sharded_expert_keys(model)
+    shard_model(model, keys, groups, "cpu")
+    state = model.state_dict()
+    own = sum(local_tensor(v).numel() * v.element_size() for v in state.values())
+    largest_local = max(local_tensor(v).numel() * v.element_size() for v in state.values())
+    # The largest tensor a file holds: a dense one whole, or one expert's slice of an expert parameter.
+    largest = max(
+        v.numel() // (keys[k] // groups.ep_size if k in keys else 1) * v.element_size() for k, v in state.items()
+    )
+    experts = sum(v.numel() * v.element_size() * groups.ep_size for k, v in state.items() if k in keys)
+    del state
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # the full model built before sharding goes back to the OS
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _status_bytes("VmRSS")
+    export_pretrained(model, out_dir, groups)
+    peak = _status_bytes("VmHWM")
+    # Loaded back into shards (meta device, fully_shard, each rank reading its slices).
+    Path("/proc/self/clear_refs").write_text("5")
+    load_before = _status_bytes("VmRSS")
+    report = LoadReport()
+    loaded = load_fsdp(out_dir, groups, report=report)
+    load_peak = _status_bytes("VmHWM")
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert sorted(mine) == sorted(theirs), sorted(set(mine) ^ set(theirs))
+    for key, value in mine.items():
+        assert type(theirs[key]) is type(value), key
+        if isinstance(value, DTensor):
+            assert theirs[key].placements == value.placements and theirs[key].shape == value.shape, key
+        torch.testing.assert_close(local_tensor(theirs[key]), local_tensor(value), atol=0, rtol=0, msg=key)
+    for (name, buffer), (_, original) in zip(loaded.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(buffer, original, atol=0, rtol=0, msg=name)
+    record = {"before": before, "peak": peak, "own": own, "largest": largest, "largest_local": largest_local,
+              "experts": experts, "load_before": load_before, "load_peak": load_peak,
+              "bytes_read": report.bytes_read, "checkpoint_bytes": report.checkpoint_bytes}  # fmt: skip
+    (results / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+@needs_divide_factor
+def test_fsdp_export_and_load_memory_stay_within_own_shard_and_one_tensor(tmp_path):
+    """4 processes (EP 2 x expert-dp 2), experts 4x a rank's share: during the export each rank's
+    peak RSS grows by at most its largest local parameter (converted whole), the largest tensor of
+    the files (gathered or converted) and a fixed overhead, far below the experts' full size:
+    no rank gathers the model. Loading the export back (`load_fsdp`) gives every rank the same
+    shards (and buffers) as the model that was exported, reading only its own slices, its RSS
+    growing by its new shards plus the same per-tensor bound."""
+    from tests.dist_utils import run_distributed
+
+    run_distributed(_export_memory_worker, 4, tmp_path / "hf", tmp_path, timeout_s=300)
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    for rank, r in enumerate(records):
+        bound = r["largest_local"] + r["largest"] + EXPORT_OVERHEAD
+        assert r["experts"] > 2 * bound, (rank, r)  # a gather of the experts would break the bound
+        print(
+            f"rank {rank}: export peak RSS growth {(r['peak'] - r['before']) / 2**20:.1f} MiB, bound "
+            f"{bound / 2**20:.1f} MiB, own shards {r['own'] / 2**20:.1f} MiB, experts {r['experts'] / 2**20:.1f} MiB"
+        )
+        assert r["peak"] - r["before"] <= bound, (rank, r["peak"] - r["before"], bound, r)
+        # Loading: the new model's own shards, the pages of the slices it read (safetensors memory-maps
+        # the files: file-backed, counted in RSS while the files are open), one tensor in flight.
+        load_bound = r["own"] + r["bytes_read"] + bound
+        print(
+            f"rank {rank}: load peak RSS growth {(r['load_peak'] - r['load_before']) / 2**20:.1f} MiB, bound "
+            f"{load_bound / 2**20:.1f} MiB, read {r['bytes_read'] / 2**20:.1f} of {r['checkpoint_bytes'] / 2**20:.1f} MiB"
+        )
+        assert r["load_peak"] - r["load_before"] <= load_bound, (rank, r)
+        assert r["bytes_read"] <= r["own"] * 1.01 < r["checkpoint_bytes"] / 3, (rank, r)  # its slices only
+    weight_map = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    per_expert = [k for k in weight_map if ".mlp.experts." in k]
+    assert len(per_expert) == 2 * 8 * 3 and len(set(weight_map.values())) == 4, sorted(weight_map)
 
 
 @needs_divide_factor
@@ -381,6 +547,83 @@ def test_dcp_save_interrupted_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert meta["global_step"] == 1
     for key, value in expected.items():
         torch.testing.assert_close(fresh.lightning_module.state_dict()[key], value, atol=0, rtol=0)
+
+
+def _save_then_die_worker(rank: int, world: int, path: Path) -> None:
+    """Both ranks save a checkpoint of their own Linear (step 1); then rank 1 is killed
+    (`os._exit`, no exception, no cleanup) in the middle of the next save, right after
+    writing its shard file."""
+    import os
+    import types
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    from lightning_mpipemoe import dcp_checkpoint
+
+    def broadcast(obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    setattr(module, f"rank{rank}", torch.nn.Linear(4, 3))  # every rank its own tensors
+    strategy = types.SimpleNamespace(
+        lightning_module=module, optimizers=[], _expert_keys={},
+        _fsdp=types.SimpleNamespace(expert_mesh=None), _checkpoint_group=None, is_global_zero=rank == 0,
+        broadcast=broadcast, _executor_state=dict,
+    )  # fmt: skip
+    dcp_checkpoint.save(strategy, {"global_step": 1}, path)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+    if rank == 1:
+        write_data = FileSystemWriter.write_data
+
+        def write_then_die(self, plan, planner):
+            future = write_data(self, plan, planner)
+            future.wait()  # the shard is on disk, then the process is gone
+            os._exit(9)
+
+        FileSystemWriter.write_data = write_then_die
+    dcp_checkpoint.save(strategy, {"global_step": 2}, path)
+
+
+def test_dcp_save_with_a_killed_rank_keeps_the_previous_checkpoint(tmp_path):
+    """2 processes: rank 1 dies (os._exit) half-way through the second save. The job fails;
+    `path` still holds the first checkpoint, complete: it loads, with the step-1 weights of both
+    ranks' modules (the model only: the ranks' optimizers differ, so none is saved)."""
+    import types
+
+    from torch.multiprocessing import ProcessExitedException
+
+    from lightning_mpipemoe import dcp_checkpoint
+    from tests.dist_utils import run_distributed
+
+    path = tmp_path / "latest.ckpt"
+    with pytest.raises((ProcessExitedException, AssertionError)) as failed:
+        run_distributed(_save_then_die_worker, 2, path, timeout_s=30)
+    # Either rank 1's exit is seen first, or rank 0's collective failing on the vanished peer.
+    if isinstance(failed.value, ProcessExitedException):
+        assert (failed.value.error_index, failed.value.exit_code) == (1, 9), failed.value
+    else:
+        assert "--- rank 0 ---" in str(failed.value) and "--- rank 1 ---" not in str(failed.value), failed.value
+    assert len(list(tmp_path.glob(".latest.ckpt.tmp-*"))) == 1  # the unfinished save, never renamed
+    module, expected = torch.nn.Module(), {}
+    for r in range(2):
+        torch.manual_seed(0)  # as rank r built its Linear
+        expected.update({f"rank{r}.{k}": v for k, v in torch.nn.Linear(4, 3).state_dict().items()})
+        setattr(module, f"rank{r}", torch.nn.Linear(4, 3))
+        torch.nn.init.zeros_(getattr(module, f"rank{r}").weight)
+    fresh = types.SimpleNamespace(
+        lightning_module=module, optimizers=[], _expert_keys={}, _fsdp=types.SimpleNamespace(expert_mesh=None),
+        _checkpoint_group=None, is_global_zero=True, broadcast=lambda obj: obj, _executor_state=dict,
+    )  # fmt: skip
+    meta = dcp_checkpoint.load(fresh, path)
+    assert meta["global_step"] == 1
+    for key, value in expected.items():
+        torch.testing.assert_close(module.state_dict()[key], value, atol=0, rtol=0, msg=key)
 
 
 def test_unshardable_models_are_refused_by_name():
