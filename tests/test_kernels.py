@@ -52,7 +52,9 @@ def test_triton_kernels_under_interpreter(tmp_path):
     suite = ET.parse(report).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
-    assert counts["failures"] == counts["errors"] == counts["skipped"] == 0, f"{counts}\n{tail}"
+    # One case compares against torch's own grouped_mm, which torch < 2.8 does not have.
+    allowed_skips = 0 if hasattr(torch.nn.functional, "grouped_mm") else 1
+    assert counts["failures"] == counts["errors"] == 0 and counts["skipped"] == allowed_skips, f"{counts}\n{tail}"
     assert counts["tests"] >= 50, f"only {counts['tests']} interpreted cases ran:\n{tail}"
 
 
