@@ -14,9 +14,11 @@ global norm and the per-step MoE metrics are logged.
 One launch: the script starts itself under `torch.distributed.run` (2 processes), and each
 process pair alternates short fits of the two strategies (the order rotating every round), so
 both see the same machine load. A callback times every training step (batch start to batch
-end, after a barrier-free `perf_counter`); the first `--skip` steps of each fit are dropped.
-Printed: each side's median step time per round, the per-round ratio mpipemoe / ddp, and the
-median and spread (min-max) of those ratios; `--out` writes them as JSON.
+end); the first `--skip` steps of each fit are dropped.
+Printed, for wall time and for CPU time (summed over the two processes; much less sensitive to
+other programs' load on a shared machine than wall time): each side's median step per round, the
+per-round ratio mpipemoe / ddp, the median and spread (min-max) of those ratios, and the ratio of
+the two sides' fastest rounds; `--out` writes them as JSON.
 """
 
 from __future__ import annotations
@@ -52,22 +54,25 @@ def _step_timer():
     import lightning as L
 
     class StepTimer(L.Callback):
-        """Wall time of every training step (forward, backward, clipping, optimizer step, logging)."""
+        """Wall and CPU time (this process, all its threads) of every training step: forward,
+        backward, clipping, optimizer step, logging."""
 
         def __init__(self) -> None:
-            self.times: list[float] = []
-            self._t = 0.0
+            self.times: list[tuple[float, float]] = []
+            self._t = (0.0, 0.0)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self._t = time.perf_counter()
+            self._t = (time.perf_counter(), time.process_time())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.times.append(time.perf_counter() - self._t)
+            self.times.append((time.perf_counter() - self._t[0], time.process_time() - self._t[1]))
 
     return StepTimer()
 
 
-def _fit(kind: str, model_dir: Path, log_dir: Path, steps: int, timeout, log_moe_metrics: str = "layer") -> list[float]:
+def _fit(
+    kind: str, model_dir: Path, log_dir: Path, steps: int, timeout, log_moe_metrics: str = "layer"
+) -> list[tuple[float, float]]:
     import lightning as L
     import torch
     from lightning.pytorch.loggers import CSVLogger
@@ -122,47 +127,48 @@ def worker(args: argparse.Namespace) -> None:
     rounds = []
     for r in range(args.rounds):
         order = ["ddp", "mpipemoe"] if r % 2 == 0 else ["mpipemoe", "ddp"]
-        medians = {}
+        row: dict = {"order": order}
         for kind in order:
             times = _fit(kind, model_dir, log_dir, args.steps, timeout, args.log_moe_metrics)[args.skip :]
-            # The slower rank sets the pace: the median of each step's max over ranks.
-            local = torch.tensor(times, dtype=torch.float64)
-            dist.all_reduce(local, op=dist.ReduceOp.MAX)
-            medians[kind] = statistics.median(local.tolist())
-        rounds.append(
-            {
-                "order": order,
-                "ddp_s": medians["ddp"],
-                "mpipemoe_s": medians["mpipemoe"],
-                "ratio": medians["mpipemoe"] / medians["ddp"],
-            }
-        )
+            # The slower rank sets the pace: each step's max over ranks (wall), sum over ranks (CPU).
+            wall = torch.tensor([w for w, _ in times], dtype=torch.float64)
+            cpu = torch.tensor([c for _, c in times], dtype=torch.float64)
+            dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+            dist.all_reduce(cpu)
+            row[f"{kind}_wall_s"] = statistics.median(wall.tolist())
+            row[f"{kind}_cpu_s"] = statistics.median(cpu.tolist())
+        for what in ("wall", "cpu"):
+            row[f"ratio_{what}"] = row[f"mpipemoe_{what}_s"] / row[f"ddp_{what}_s"]
+        rounds.append(row)
         if rank == 0:
-            row = rounds[-1]
             print(
-                f"round {r}: ddp {row['ddp_s'] * 1e3:7.1f} ms  mpipemoe {row['mpipemoe_s'] * 1e3:7.1f} ms  "
-                f"ratio {row['ratio']:.3f}",
+                f"round {r}: wall ddp {row['ddp_wall_s'] * 1e3:6.1f} ms, mpipemoe {row['mpipemoe_wall_s'] * 1e3:6.1f} "
+                f"ms, ratio {row['ratio_wall']:.3f} | CPU ddp {row['ddp_cpu_s'] * 1e3:6.1f} ms, mpipemoe "
+                f"{row['mpipemoe_cpu_s'] * 1e3:6.1f} ms, ratio {row['ratio_cpu']:.3f}",
                 flush=True,
             )
     if rank == 0:
-        ratios = [row["ratio"] for row in rounds]
-        summary = {
-            "rounds": rounds,
-            "steps_per_fit": args.steps,
-            "skipped_per_fit": args.skip,
-            "ddp_median_s": statistics.median(row["ddp_s"] for row in rounds),
-            "mpipemoe_median_s": statistics.median(row["mpipemoe_s"] for row in rounds),
-            "ratio_median": statistics.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
-        }
-        print(
-            f"median step: ddp {summary['ddp_median_s'] * 1e3:.1f} ms, "
-            f"mpipemoe {summary['mpipemoe_median_s'] * 1e3:.1f} ms; "
-            f"ratio mpipemoe/ddp median {summary['ratio_median']:.3f} (min {min(ratios):.3f}, max "
-            f"{max(ratios):.3f}) over {len(ratios)} interleaved rounds",
-            flush=True,
-        )
+        summary: dict = {"rounds": rounds, "steps_per_fit": args.steps, "skipped_per_fit": args.skip}
+        for what in ("wall", "cpu"):
+            ratios = [row[f"ratio_{what}"] for row in rounds]
+            ddp = [row[f"ddp_{what}_s"] for row in rounds]
+            ours = [row[f"mpipemoe_{what}_s"] for row in rounds]
+            summary[what] = {
+                "ddp_median_s": statistics.median(ddp),
+                "mpipemoe_median_s": statistics.median(ours),
+                "ratio_median": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                # The least loaded fit of each side: the floor both reach when the machine is quiet.
+                "ratio_of_floors": min(ours) / min(ddp),
+            }
+            m = summary[what]
+            print(
+                f"{what}: median step ddp {m['ddp_median_s'] * 1e3:.1f} ms, "
+                f"mpipemoe {m['mpipemoe_median_s'] * 1e3:.1f} ms; ratio mpipemoe/ddp median {m['ratio_median']:.3f} (min {m['ratio_min']:.3f}, max "
+                f"{m['ratio_max']:.3f}) over {len(ratios)} interleaved rounds; ratio of floors {m['ratio_of_floors']:.3f}",
+                flush=True,
+            )
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(summary, indent=2) + "\n")
