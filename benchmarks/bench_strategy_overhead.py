@@ -165,8 +165,10 @@ def worker(args: argparse.Namespace) -> None:
             m = summary[what]
             print(
                 f"{what}: median step ddp {m['ddp_median_s'] * 1e3:.1f} ms, "
-                f"mpipemoe {m['mpipemoe_median_s'] * 1e3:.1f} ms; ratio mpipemoe/ddp median {m['ratio_median']:.3f} (min {m['ratio_min']:.3f}, max "
-                f"{m['ratio_max']:.3f}) over {len(ratios)} interleaved rounds; ratio of floors {m['ratio_of_floors']:.3f}",
+                f"mpipemoe {m['mpipemoe_median_s'] * 1e3:.1f} ms; "
+                f"ratio mpipemoe/ddp median {m['ratio_median']:.3f} "
+                f"(min {m['ratio_min']:.3f}, max {m['ratio_max']:.3f}) over {len(ratios)} interleaved rounds; "
+                f"ratio of floors {m['ratio_of_floors']:.3f}",
                 flush=True,
             )
         if args.out is not None:
