@@ -117,7 +117,9 @@ class MPipeMoEStrategy(ExpertCheckpointMethods, DDPStrategy):
         log_moe_metrics: "layer" (per-layer routing and executor metrics), "expert" (also the
             tokens of every expert) or "off". Counts accumulate on the device over the steps
             between two logged ones and are reduced (one all-reduce) after the optimizer step of
-            each step the trainer logs (`log_every_n_steps`).
+            each step the trainer logs (`log_every_n_steps`), and written to the trainer's
+            loggers directly (not through `LightningModule.log`: not in `callback_metrics`);
+            without a logger they are not computed.
         expert_bucket_bytes: size of one expert-gradient all-reduce over the expert-dp group
             (buckets start during backward, as DDP's do; `grad_sync.ExpertGradReducer`).
         expert_grads_in_fp32: reduce low-precision expert gradients through an fp32 copy of
