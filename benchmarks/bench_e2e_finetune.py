@@ -78,7 +78,7 @@ def run_hf_ddp(out_dir: Path, steps: int) -> dict:
         return {"label": label, "error": f"exit {proc.returncode}: " + (err[-1] if err else (proc.stdout + proc.stderr)[-400:])}
     result = json.loads(out.read_text())
     return {"label": label, **result, "peak_rss_bytes": rss, "wall_s": wall, "note": "tokens/s after 5 warm-up steps; expert DTensors left out of DDP, "
-            "no gradient clipping, AdamW foreach=False (see bench_e2e_hf_ddp.py)"}
+            "clipping at global norm 1.0 as the recipe's, AdamW foreach=False (see bench_e2e_hf_ddp.py)"}
 
 
 def run_pair(out_dir: Path, steps: int = 40) -> dict:

@@ -4,7 +4,7 @@ Face's built-in expert parallelism (its EP plan, AllToAllEP) under plain Lightni
     OMP_NUM_THREADS=1 python benchmarks/bench_e2e_hf_ddp.py --model-dir DIR --steps 40 --out result.json
 
 Same model directory, corpus, sequence length, batch size and optimizer (AdamW, lr 2e-3) as
-the default recipe; 2 CPU processes (`strategy="ddp"`). The model is loaded in
+the default recipe, and its clipping (global norm 1.0); 2 CPU processes (`strategy="ddp"`). The model is loaded in
 `configure_model` (the process group exists there) with `distributed_config`, so that HF
 shards the experts over the 2 ranks and installs AllToAllEP. Rank 0 writes tokens/s (after
 `--skip` warm-up steps, all ranks' tokens) and the peak RSS of the processes.
@@ -64,6 +64,30 @@ class HFEPModule(L.LightningModule):
         self.tokens += int(batch["input_ids"].numel())
         return out.loss
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip by the global gradient norm, as the recipe's strategy does: the replicated part
+        (already all-reduced by DDP, the same on every rank) plus every rank's own expert shards
+        (summed over the world: with EP = world each rank holds different experts). Lightning's
+        own `clip_gradients` cannot take the mix of Tensor and DTensor gradients."""
+        if not gradient_clip_val:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        sharded = torch.zeros((), dtype=torch.float64)
+        dense = torch.zeros((), dtype=torch.float64)
+        for g, plain in zip(grads, local):
+            square = plain.detach().double().pow(2).sum()
+            if hasattr(g, "to_local"):
+                sharded += square
+            else:
+                dense += square
+        if dist.is_initialized():
+            dist.all_reduce(sharded)
+        coef = float(gradient_clip_val) / (float(dense + sharded) ** 0.5 + 1e-6)
+        if coef < 1.0:
+            for plain in local:
+                plain.mul_(coef)
+
     def configure_optimizers(self):
         # foreach kernels reject a mix of Tensor and DTensor parameters.
         return torch.optim.AdamW(self.parameters(), lr=self.lr, foreach=False)
@@ -74,6 +98,8 @@ def main() -> None:
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--skip", type=int, default=5)
+    parser.add_argument("--gradient-clip-val", type=float, default=1.0,
+                        help="global-norm clipping, the recipe's (conf/trainer/cpu.yaml); 0: none")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     from lightning_mpipemoe.recipes.data import TextDataModule
@@ -82,6 +108,7 @@ def main() -> None:
     data = TextDataModule(corpus="village", tokenizer=args.model_dir, seq_len=64, batch_size=8)
     module = HFEPModule(args.model_dir, ep_size=2, skip=args.skip)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=args.steps, logger=False,
+                        gradient_clip_val=args.gradient_clip_val or None,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0)
     start = time.perf_counter()

@@ -137,7 +137,8 @@ class RunMonitor(Callback):
                 without_reuse = analytic_memory(layer, choice["num_partitions"], "none")
                 entry["held_bytes_without_reuse"] = without_reuse.device_held_bytes
             layers[name] = entry
-        state = trainer.callback_metrics.get("moe/expert_state_bytes")
+        measure = getattr(strategy, "expert_state_bytes", None)  # MPipeMoEStrategy; None under another strategy
+        state = measure() if measure is not None else None
         self.moe = {
             "expert_state_bytes_per_rank": int(state) if state is not None else None,
             "tokens_per_call": self.tokens_per_call,
