@@ -4,7 +4,8 @@ The loss is Hugging Face's own: with `output_router_logits=True` and labels, a c
 returns `lm_loss + router_aux_loss_coef * aux_loss` and Switch returns
 `lm_loss + router_z_loss_coef * (z_enc + z_dec) + router_aux_loss_coef * (aux_enc + aux_dec)`.
 The modules log those parts and routing metrics of the MoE executor (tokens per expert,
-dropped tokens) read from the `RoutingStats` that `convert_model` attaches.
+dropped tokens) read from the `RoutingStats` that `convert_model` attaches; in training, on
+the steps the trainer writes (`log_every_n_steps`), the loss itself on every step.
 
 The model is converted by whoever owns the process groups (the Lightning strategy calls
 `convert_model`); these modules only train it. Expert-parallel gradient reduction is the
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_mpipemoe.moe_metrics import trainer_logs_this_step
 from .registry import routing_stats
 
 __all__ = ["MoECausalLMModule", "MoEFineTuneModule", "MoESeq2SeqModule", "routing_metrics"]
@@ -88,6 +90,11 @@ class MoEFineTuneModule(pl.LightningModule):
         # Validation values are epoch means over every rank's share; training ones are per step.
         sync = stage != "train"
         self.log(f"{stage}/loss", loss.detach(), prog_bar=True, batch_size=batch_size, sync_dist=sync)
+        # The loss parts and routing diagnostics of a training step only on the steps the
+        # trainer writes (`log_every_n_steps`; each `self.log` costs about a millisecond);
+        # validation ones are epoch means, so every batch counts.
+        if not (sync or trainer_logs_this_step(self._trainer)):
+            return loss
         for name, value in parts.items():
             self.log(f"{stage}/{name}", value, batch_size=batch_size, sync_dist=sync)
         if self.hparams.log_moe_metrics:

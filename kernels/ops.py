@@ -5,6 +5,12 @@ it shapes) and their gradients come from the formulas registered here, which cal
 backward ops. Each op runs on the backend of its inputs' device (`backends.backend_for`):
 `CpuBackend` on CPU, Triton on CUDA.
 
+Outside `torch.compile` the public functions skip the custom ops' Python dispatch (tens of
+microseconds a call, a dozen calls per layer call: a few percent of a small model's step) and
+run the same backend kernels with the same autograd formulas through a plain
+`autograd.Function`; under `torch.compile` they call the custom ops, which keep the kernels
+opaque to the compiler. Both paths give bit-identical results (tests/test_kernels.py).
+
 Saved for backward, and nothing more: permute keeps only its index tensors; unpermute keeps
 the rows only when the routing weights need a gradient; grouped_mm keeps x only when w needs
 a gradient and w only when x does.
@@ -21,6 +27,13 @@ from torch import Tensor
 from .backends import backend_for
 
 __all__ = ["grouped_mm", "grouped_mm_weight_grad", "permute", "unpermute"]
+
+
+def _call(eager: bool, op, method: str, *args, device: torch.device | None = None):
+    """The backend's `method` directly when `eager` (no dispatch), else the custom op."""
+    if not eager:
+        return op(*args)
+    return getattr(backend_for(device if device is not None else args[0].device), method)(*args)
 
 
 # --- permute -------------------------------------------------------------------------------
@@ -52,9 +65,10 @@ def _permute_setup(ctx, inputs, output):
     ctx.num_tokens = hidden_TH.shape[0]
 
 
-def _permute_backward(ctx, grad_rows_SH):
+def _permute_backward(ctx, grad_rows_SH, eager=False):
     src_row_S, pos_TK = ctx.saved_tensors
-    return permute_backward_op(grad_rows_SH, src_row_S, pos_TK, ctx.num_tokens), None, None
+    grad_TH = _call(eager, permute_backward_op, "permute_backward", grad_rows_SH, src_row_S, pos_TK, ctx.num_tokens)
+    return grad_TH, None, None
 
 
 permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
@@ -91,9 +105,11 @@ def _unpermute_setup(ctx, inputs, output):
     ctx.num_rows = rows_SH.shape[0]
 
 
-def _unpermute_backward(ctx, grad_out_TH):
+def _unpermute_backward(ctx, grad_out_TH, eager=False):
     pos_TK, weights_TK, rows_SH = ctx.saved_tensors
-    grad_rows_SH, grad_weights_TK = unpermute_backward_op(grad_out_TH, pos_TK, weights_TK, rows_SH, ctx.num_rows)
+    grad_rows_SH, grad_weights_TK = _call(
+        eager, unpermute_backward_op, "unpermute_backward", grad_out_TH, pos_TK, weights_TK, rows_SH, ctx.num_rows
+    )
     return (
         grad_rows_SH if ctx.needs_input_grad[0] else None,
         None,
@@ -145,17 +161,62 @@ def _grouped_mm_setup(ctx, inputs, output):
     ctx.save_for_backward(x_SD if needs_w else None, w_EOD if needs_x else None, offsets_E)
 
 
-def _grouped_mm_backward(ctx, grad_y_SO):
+def _grouped_mm_backward(ctx, grad_y_SO, eager=False):
     x_SD, w_EOD, offsets_E = ctx.saved_tensors
     grad_x_SD = grad_w_EOD = None
     if ctx.needs_input_grad[0]:
-        grad_x_SD = grouped_mm_op(grad_y_SO, w_EOD.transpose(1, 2), offsets_E)
+        grad_x_SD = _call(eager, grouped_mm_op, "grouped_mm", grad_y_SO, w_EOD.transpose(1, 2), offsets_E)
     if ctx.needs_input_grad[1]:
-        grad_w_EOD = grouped_mm_weight_grad_op(grad_y_SO, x_SD, offsets_E)
+        grad_w_EOD = _call(eager, grouped_mm_weight_grad_op, "grouped_mm_weight_grad", grad_y_SO, x_SD, offsets_E, None,
+                           device=x_SD.device)
     return grad_x_SD, grad_w_EOD, None
 
 
 grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+# --- eager: the same kernels and formulas without the custom-op dispatch -------------------
+
+
+class _EagerPermute(torch.autograd.Function):
+    @staticmethod
+    def forward(hidden_TH, src_row_S, pos_TK):
+        return backend_for(hidden_TH.device).permute(hidden_TH, src_row_S, pos_TK)
+
+    setup_context = staticmethod(_permute_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _permute_backward(ctx, grad, eager=True)
+
+
+class _EagerUnpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(rows_SH, pos_TK, weights_TK):
+        return backend_for(rows_SH.device).unpermute(rows_SH, pos_TK, weights_TK)
+
+    setup_context = staticmethod(_unpermute_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _unpermute_backward(ctx, grad, eager=True)
+
+
+class _EagerGroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(x_SD, w_EOD, offsets_E):
+        return backend_for(x_SD.device).grouped_mm(x_SD, w_EOD, offsets_E)
+
+    setup_context = staticmethod(_grouped_mm_setup)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _grouped_mm_backward(ctx, grad, eager=True)
+
+
+def _eager() -> bool:
+    """Outside torch.compile (whose tracing needs the opaque custom ops)."""
+    return not torch.compiler.is_compiling()
 
 
 # --- the public functions (argument checks, then the op) -----------------------------------
@@ -182,6 +243,8 @@ def permute(hidden_TH: Tensor, src_row_S: Tensor, pos_TK: Tensor | None = None) 
     _check_index("src_row", src_row_S, 1, hidden_TH.device)
     if pos_TK is not None:
         _check_index("pos", pos_TK, 2, hidden_TH.device)
+    if _eager():
+        return _EagerPermute.apply(hidden_TH, src_row_S, pos_TK)
     return permute_op(hidden_TH, src_row_S, pos_TK)
 
 
@@ -199,6 +262,8 @@ def unpermute(rows_SH: Tensor, pos_TK: Tensor, weights_TK: Tensor) -> Tensor:
             f"weights must be a floating tensor shaped like pos {tuple(pos_TK.shape)}, "
             f"got {weights_TK.dtype} {tuple(weights_TK.shape)}"
         )
+    if _eager():
+        return _EagerUnpermute.apply(rows_SH, pos_TK, weights_TK)
     return unpermute_op(rows_SH, pos_TK, weights_TK)
 
 
@@ -220,6 +285,8 @@ def grouped_mm(x_SD: Tensor, w_EOD: Tensor, offsets_E: Tensor) -> Tensor:
     _check_index("offsets", offsets_E, 1, x_SD.device)
     if offsets_E.shape[0] != w_EOD.shape[0]:
         raise ValueError(f"offsets has {offsets_E.shape[0]} entries for {w_EOD.shape[0]} experts")
+    if _eager():
+        return _EagerGroupedMM.apply(x_SD, w_EOD, offsets_E)
     return grouped_mm_op(x_SD, w_EOD, offsets_E)
 
 
@@ -254,6 +321,8 @@ def grouped_mm_weight_grad(
         if tuple(accumulate.shape) != expected or not accumulate.is_floating_point():
             raise ValueError(f"accumulate must be a floating tensor of shape {expected}, got "
                              f"{accumulate.dtype} {tuple(accumulate.shape)}")
-        grouped_mm_weight_grad_add_op(accumulate, grad_y_SO, x_SD, offsets_E)
+        _call(_eager(), grouped_mm_weight_grad_add_op, "grouped_mm_weight_grad_add_", accumulate, grad_y_SO, x_SD,
+              offsets_E, device=x_SD.device)
         return accumulate
-    return grouped_mm_weight_grad_op(grad_y_SO, x_SD, offsets_E, out_dtype)
+    return _call(_eager(), grouped_mm_weight_grad_op, "grouped_mm_weight_grad", grad_y_SO, x_SD, offsets_E, out_dtype,
+                 device=x_SD.device)

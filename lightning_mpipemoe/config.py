@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = ["AUTO", "DEFAULT_CANDIDATES", "RESTORE_STRATEGIES", "ExecutorConfig", "SimulatedLink", "budget_bytes",
-           "executor_overrides"]
+           "executor_overrides", "for_expert_parallel_size"]
 
 #: How backward gets back what buffer reuse overwrote (DESIGN.md §1.4): `none` keeps a copy
 #: per partition (no reuse); s1 offloads T_DI and T_M; s2 re-communicates T_DI and offloads
@@ -77,11 +77,16 @@ class ExecutorConfig:
             budget (`lightning_mpipemoe.moe.cost_model`).
         link: an optional `SimulatedLink` that every all-to-all also crosses (tests and
             benchmarks of the schedule on machines without a real slow link).
-        memory_budget: what one MoE layer call may hold on the device (bytes held for
-            backward plus peak temporaries, DESIGN.md §1.3's analytic model): an int number
-            of bytes, or a float in (0, 1], a fraction of the device's memory (of physical
-            RAM on CPU). Only the "auto" choices obey it; None (default) is no limit.
-        candidates: the bounded set of n the tuner may pick (distinct positive ints).
+        memory_budget: what one MoE layer call may hold on the device for its backward
+            (DESIGN.md §1.3's analytic model; on CPU what offload moves to the host counts
+            too): an int number of bytes, or a float in (0, 1], a fraction of the device's
+            memory (of physical RAM on CPU). Held bytes add up over the layers until the
+            backward reaches them; a call's temporaries are freed when it returns (one
+            layer's at a time) and are not part of it (`recipes.plan` reports them). Only
+            the "auto" choices obey it; None (default) is no limit.
+        candidates: the bounded set of n the tuner may pick (distinct positive ints); None
+            (default): `DEFAULT_CANDIDATES`, narrowed to n = 1 for a layer the Lightning
+            strategy runs on a one-rank expert-parallel group (`for_expert_parallel_size`).
 
     An explicit `num_partitions=1, restore="none"` is the plain reference path, exactly as
     before; explicit values are never changed by a tuner. Without a tuner (a caller that
@@ -93,7 +98,7 @@ class ExecutorConfig:
     restore: str = AUTO
     link: SimulatedLink | None = None
     memory_budget: int | float | None = None
-    candidates: tuple[int, ...] = DEFAULT_CANDIDATES
+    candidates: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         n = self.num_partitions
@@ -105,6 +110,8 @@ class ExecutorConfig:
             raise TypeError(f"link must be a SimulatedLink or None, got {type(self.link).__name__}")
         _check_budget(self.memory_budget)
         candidates = self.candidates
+        if candidates is None:
+            return
         if isinstance(candidates, list):
             candidates = tuple(candidates)
             object.__setattr__(self, "candidates", candidates)
@@ -126,6 +133,11 @@ class ExecutorConfig:
         return self.num_partitions != 1 or self.restore != "none"
 
     @property
+    def candidate_set(self) -> tuple[int, ...]:
+        """The n the tuner may pick (sorted): `candidates`, or the default set."""
+        return self.candidates if self.candidates is not None else DEFAULT_CANDIDATES
+
+    @property
     def tunes_partitions(self) -> bool:
         return self.num_partitions == AUTO
 
@@ -141,7 +153,7 @@ class ExecutorConfig:
     def resolved(self, num_partitions: int | None = None, restore: str | None = None) -> "ExecutorConfig":
         """A copy with "auto" replaced: by the given choices, else by the untuned default
         (smallest candidate, `none`)."""
-        n = self.num_partitions if not self.tunes_partitions else (num_partitions or self.candidates[0])
+        n = self.num_partitions if not self.tunes_partitions else (num_partitions or self.candidate_set[0])
         r = self.restore if not self.tunes_restore else (restore or "none")
         return replace(self, num_partitions=n, restore=r)
 
@@ -171,6 +183,19 @@ def budget_bytes(budget: int | float | None, device_memory_bytes: int) -> int | 
     if isinstance(budget, float) and budget <= 1:
         return int(budget * device_memory_bytes)
     return int(budget)
+
+
+def for_expert_parallel_size(config: ExecutorConfig, ep_size: int) -> ExecutorConfig:
+    """`config` for a layer whose expert-parallel group has `ep_size` ranks.
+
+    One rank has no all-to-all for micro-partitions to overlap, so more of them only add
+    per-partition work, and what a call holds for its backward (what `memory_budget` bounds)
+    does not shrink with n under reuse: "auto" n with the default candidates takes n = 1
+    there, and the tuner profiles nothing (the restore strategy is still chosen for the
+    budget). A candidate set the config names is kept (e.g. to study the tuner on one rank)."""
+    if ep_size == 1 and config.tunes_partitions and config.candidates is None:
+        return replace(config, candidates=(DEFAULT_CANDIDATES[0],))
+    return config
 
 
 def executor_overrides(

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from lightning_mpipemoe.config import ExecutorConfig
+from lightning_mpipemoe.config import ExecutorConfig, for_expert_parallel_size
 from lightning_mpipemoe.groups import MoEProcessGroups
 from lightning_mpipemoe.moe import MoELayer, RoutingStats
 
@@ -116,8 +116,8 @@ def pack_experts(unpacked: torch.Tensor, layout: str) -> torch.Tensor:
     return unpacked.permute(1, 2, 0).reshape(a, b * num_experts)
 
 
-def _with_overrides(config: ExecutorConfig, overrides: dict[str, Any]) -> ExecutorConfig:
-    return dataclasses.replace(config, **overrides) if overrides else config
+def _with_overrides(config: ExecutorConfig, overrides: dict[str, Any], ep_size: int) -> ExecutorConfig:
+    return for_expert_parallel_size(dataclasses.replace(config, **overrides) if overrides else config, ep_size)
 
 
 class MoELayerKind:
@@ -142,7 +142,7 @@ class MoELayerKind:
                 f"MoELayer is already sharded for EP rank {held.ep_rank}/{held.ep_size}, not for "
                 f"{groups.ep_rank}/{groups.ep_size}; let the strategy shard it (do not call shard_experts yourself)"
             )
-        module.config = _with_overrides(module.config, overrides)
+        module.config = _with_overrides(module.config, overrides, groups.ep_size)
 
     def expert_parameters(self, module: MoELayer) -> dict[str, int]:
         expert_ids = {id(p) for p in module.expert_parameters()}
@@ -188,7 +188,7 @@ class HFModelKind:
 
         views = self.executors(module)
         base = next(iter(views.values())).config if views else ExecutorConfig()
-        convert_model(module, groups, _with_overrides(base, overrides))
+        convert_model(module, groups, _with_overrides(base, overrides, groups.ep_size))
 
     def expert_parameters(self, module: nn.Module) -> dict[str, int]:
         from lightning_mpipemoe.hf_models.api import sharded_expert_keys

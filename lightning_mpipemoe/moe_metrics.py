@@ -34,7 +34,18 @@ from lightning_mpipemoe import collectives
 from lightning_mpipemoe.config import RESTORE_STRATEGIES
 from lightning_mpipemoe.discovery import ExecutorView, read_executor_metrics
 
-__all__ = ["moe_step_metrics"]
+__all__ = ["moe_step_metrics", "trainer_logs_this_step"]
+
+
+def trainer_logs_this_step(trainer) -> bool:
+    """Whether the trainer writes the current step's logged values (its `log_every_n_steps`
+    rule; True outside a trainer). Values logged on other steps are accumulated, then dropped,
+    at about a millisecond per key in `LightningModule.log`: per-step diagnostics are only
+    worth computing on the steps that keep them."""
+    if trainer is None:
+        return True
+    connector = getattr(trainer, "_logger_connector", None)  # private in Lightning 2.x: its own rule
+    return True if connector is None else bool(connector.should_update_logs)
 
 
 def _numeric_extras(view: ExecutorView) -> dict[str, float]:

@@ -69,7 +69,7 @@ from lightning_mpipemoe.groups import (
     check_parallel_sizes,
     warm_up_groups,
 )
-from lightning_mpipemoe.moe_metrics import moe_step_metrics
+from lightning_mpipemoe.moe_metrics import moe_step_metrics, trainer_logs_this_step
 from lightning_mpipemoe.spawn_launcher import MPipeMoESpawnLauncher
 from lightning_mpipemoe.strategy_checkpoints import ExpertCheckpointMethods
 
@@ -106,8 +106,8 @@ class MPipeMoEStrategy(ExpertCheckpointMethods, DDPStrategy):
             picks n). None keeps each layer's own setting.
         restore: memory-reuse restore strategy, one of "none", "s1".."s4", or "auto" (chosen
             by the cost model). None keeps each layer's own setting.
-        memory_budget: what one MoE layer call may hold (bytes, or a fraction of device
-            memory), obeyed by the "auto" choices.
+        memory_budget: what one MoE layer call may hold for its backward (bytes, or a
+            fraction of device memory), obeyed by the "auto" choices.
         simulated_link: a `config.SimulatedLink` (or a dict of its fields) that every
             all-to-all also crosses, for schedule studies on CPU.
         timeout: timeout of the default process group and of every MoE process group
@@ -471,10 +471,7 @@ class MPipeMoEStrategy(ExpertCheckpointMethods, DDPStrategy):
 
     def _logs_this_step(self) -> bool:
         """Whether the trainer logs the metrics of the step that just stepped (its own rule)."""
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is None:
-            return True
-        return trainer._logger_connector.should_update_logs
+        return trainer_logs_this_step(self.lightning_module.trainer if self.lightning_module is not None else None)
 
     def _log_step(self, aux: Any) -> None:
         assert self.lightning_module is not None

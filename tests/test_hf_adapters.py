@@ -375,7 +375,7 @@ def test_lightning_modules(family, tmp_path):
 
     loader = torch.utils.data.DataLoader([{k: v[0] for k, v in batch.items()}] * 4, batch_size=2)
     trainer = pl.Trainer(
-        max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, log_every_n_steps=1,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1, default_root_dir=tmp_path,
     )  # fmt: skip
     trainer.fit(module, loader, loader)

@@ -161,7 +161,8 @@ def test_default_recipe_end_to_end(cache, tmp_path):
     # a port the OS assigned and that stays bound (no free-port race; tests/dist_utils.py).
     with agent_store() as rendezvous:
         result = _run(
-            [f"paths.cache={cache}", f"hydra.run.dir={run_dir}", "trainer.max_steps=16", "trainer.val_check_interval=8"],
+            [f"paths.cache={cache}", f"hydra.run.dir={run_dir}", "trainer.max_steps=16", "trainer.val_check_interval=8",
+             "trainer.log_every_n_steps=4"],
             cwd=tmp_path,
             command=SCRIPT,
             **rendezvous,
@@ -182,9 +183,12 @@ def test_default_recipe_end_to_end(cache, tmp_path):
     assert summary["moe"]["expert_state_bytes_per_rank"] > 0
     # The second process ran in the same Hydra run directory (its own log file there).
     assert (run_dir / "train_ddp_process_1.log").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
-    # CSV logs: training steps and the validations (before, mid-run, end of fit, after).
+    # CSV logs: every 4th training step (with its loss parts) and the validations (before,
+    # mid-run, end of fit, after).
     rows = list(csv.DictReader((run_dir / "logs" / "metrics.csv").open()))
-    assert sum(1 for r in rows if r.get("train/loss")) == 16
+    train_rows = [r for r in rows if r.get("train/loss")]
+    assert [int(r["step"]) for r in train_rows] == [3, 7, 11, 15]
+    assert all(r.get("train/aux_loss") and r.get("train/moe/load_imbalance") for r in train_rows)
     assert len([r for r in rows if r.get("val/loss")]) >= 3
     assert any(k.startswith("moe/") for k in rows[0])
 

@@ -218,6 +218,11 @@ def test_discovery_finds_moe_layers_and_hf_models():
         "hf.model.layers.0.mlp.experts": (2, "s1", 8),
         "hf.model.layers.1.mlp.experts": (2, "s1", 8),
     }
+    # "auto" n on one EP rank: no all-to-all for partitions to overlap, nothing to profile.
+    for unit in units:
+        unit.kind.shard(unit.module, MoEProcessGroups.local(), {"num_partitions": "auto", "restore": "auto"})
+    views = {name: view for unit in units for name, view in unit.executors().items()}
+    assert {(v.config.num_partitions, v.config.candidates) for v in views.values()} == {("auto", (1,))}
     assert sorted(units[1].expert_parameters()) == [
         f"hf.model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in ("down_proj", "gate_up_proj")
     ]

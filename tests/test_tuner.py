@@ -106,7 +106,7 @@ def fake_times(table: dict, alternate: dict | None = None):
 def test_config_auto_defaults_and_validation():
     config = ExecutorConfig()
     assert config.num_partitions == "auto" and config.restore == "auto" and config.is_auto and config.pipelined
-    assert config.candidates == (1, 2, 4, 8) and config.memory_budget is None
+    assert config.candidates is None and config.candidate_set == (1, 2, 4, 8) and config.memory_budget is None
     explicit = ExecutorConfig(num_partitions=1, restore="none")
     assert not explicit.pipelined and not explicit.is_auto
     assert ExecutorConfig(2, "s1").resolved() == ExecutorConfig(2, "s1")
@@ -292,6 +292,37 @@ def test_losers_are_pruned_and_near_equals_measured_on(monkeypatch):
     assert tuner.table.points == [(80, 2)] and tuner.calls[-1][0] == 2
     metrics = tuner.metrics()
     assert metrics["candidate_ms/n8"] == pytest.approx(9.0 * 80 * 1e3) and metrics["num_partitions"] == 2
+
+
+def test_ranges_bound_the_candidates_past_the_outermost_point():
+    table = RangeTable((1, 2, 4, 8), tolerance=0.1)
+    table.insert(1000, 1)
+    table.insert(4000, 2)
+    # Within REACH of the outermost points the bound is their own n (a drifting load profiles
+    # its neighbours); farther out, monotonicity alone bounds it.
+    assert table.bounds(1500) == (1, 2)  # interior: unchanged
+    assert table.bounds(int(4000 * RangeTable.REACH)) == (2, 2)
+    assert table.bounds(int(4000 * RangeTable.REACH) + 1) == (2, 8)
+    assert table.bounds(600) == (1, 1)
+    table.insert(400, 2)  # the newest point: n >= 2 above it, so (1000, 1) is repaired to 2
+    assert table.points == [(400, 2), (1000, 2), (4000, 2)]
+    assert table.bounds(int(400 / RangeTable.REACH)) == (2, 2)
+    assert table.bounds(int(400 / RangeTable.REACH) - 1) == (1, 2)
+
+
+def test_a_drifting_load_profiles_only_the_neighbours_of_the_last_range():
+    experts, tuner = make_experts(E), RecordingTuner(min_rounds=2, max_rounds=2)
+    for step in range(10):  # 2 rounds of 4 candidates; the 9th call agrees on the last round
+        fwd_bwd(expert_parallel_forward, make_batch(40, E, seed=step), experts, tuner=tuner)
+    assert not tuner.tuning and [k for k, _ in tuner.table.points] == [80]
+    n_first = tuner.table.points[0][1]
+    first = len(tuner.calls)
+    for step in range(8):  # 60 tokens: 1.5x the profiled key, past the last point but within REACH
+        fwd_bwd(expert_parallel_forward, make_batch(60, E, seed=step), experts, tuner=tuner)
+    profiled = {n for n, _, sampled, *_ in tuner.calls[first:] if sampled}
+    candidates = (1, 2, 4, 8)
+    i = candidates.index(n_first)
+    assert profiled and profiled <= set(candidates[max(0, i - 1) : i + 2]), (n_first, profiled)
 
 
 def test_a_session_whose_key_stops_coming_is_closed():

@@ -9,6 +9,8 @@ identity Function on the input, `per_row`) and the whole decision logic run for 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from datetime import timedelta
 
 import lightning_mpipemoe  # noqa: F401  isort: skip
@@ -114,6 +116,9 @@ class TunedMoELM(TinyMoELM):
     def __init__(self, **kwargs) -> None:
         super().__init__(num_partitions="auto", **kwargs)
         for block in self.blocks:
+            # Named candidates: the strategy keeps them on this one-rank group (the default set
+            # is narrowed to n = 1 there, with nothing to profile).
+            block.moe.config = replace(block.moe.config, candidates=(1, 2, 4, 8))
             block.moe.tuner = Recording(max_rounds=4)
 
     @property

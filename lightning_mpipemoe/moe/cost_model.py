@@ -127,19 +127,21 @@ def predict_seconds(cal: Calibration, shape: LayerShape, num_partitions: int, re
 
 
 def footprint_bytes(shape: LayerShape, num_partitions: int, restore: str) -> int:
-    """Device bytes of one call under the analytic model: held for backward + peak temporary.
+    """Device bytes one call holds for its backward under the analytic model: what
+    `memory_budget` bounds.
 
-    n = 1 without reuse runs the plain autograd path (`analytic_memory(..., "reference")`,
-    which also keeps the activation outputs); its temporaries are priced as the pipeline's.
-    On a CPU device (`shape.host_is_device`) offloading moves nothing out of the memory the
-    budget bounds, so the host bytes count as held: a budget is met there by recomputation and
+    Held bytes stay until the backward reaches the layer, so over a model they add up layer by
+    layer; a call's peak temporaries (`analytic_memory`'s, the pipeline's buffers) are freed
+    when it returns, one layer's at a time, and are not budgeted per layer (`recipes.plan`
+    counts the largest of them once). n = 1 without reuse runs the plain autograd path
+    (`analytic_memory(..., "reference")`, which also keeps the activation outputs). On a CPU
+    device (`shape.host_is_device`) offloading moves nothing out of the memory the budget
+    bounds, so the host bytes count as held: a budget is met there by recomputation and
     re-communication.
     """
     kind = "reference" if (num_partitions == 1 and restore == "none") else restore
     memory = analytic_memory(shape, num_partitions, kind)
-    held = memory.device_held_bytes + (memory.host_held_bytes if shape.host_is_device else 0)
-    temps = analytic_memory(shape, num_partitions, restore)
-    return held + max(temps.forward_peak_temp_bytes or 0, temps.backward_peak_temp_bytes or 0)
+    return memory.device_held_bytes + (memory.host_held_bytes if shape.host_is_device else 0)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ more there is to overlap, and per-partition overheads weigh less), so profiled p
 and between points of different n the best n lies between theirs. That is what makes the
 table small (one range per n) and what bounds the candidates a miss has to profile (the
 tuner also tries one candidate beyond each bound, so that a point measured wrong by noise
-gets repaired by its neighbours' sessions instead of constraining them).
+gets repaired by its neighbours' sessions instead of constraining them). Past the outermost
+point, within a factor `REACH` of it, that point's n is the bound too: the best n moves by
+at most one candidate over such a stretch, so a load that drifts up during training
+profiles two or three candidates per new range, not all of them.
 
 Keys are row counts (see `load_key.agree_load`); a point also answers keys within a factor
 `1 + tolerance` of it, so the drift of routing between steps does not re-profile.
@@ -29,6 +32,11 @@ class RangeTable:
     is the largest. Between two points of different n the best n lies between theirs, which
     bounds the candidates a miss there profiles (`bounds`).
     """
+
+    #: How far past the outermost point the best n moves by at most one candidate (candidates
+    #: double; DESIGN.md §1.2's published ranges step once per ~2.75x of tokens: n = 2 below 8k,
+    #: 4 to 22k, 8 above).
+    REACH = 2.0
 
     def __init__(self, candidates: tuple[int, ...], tolerance: float) -> None:
         self.candidates = tuple(sorted(candidates))
@@ -80,10 +88,25 @@ class RangeTable:
         return None
 
     def bounds(self, key: int) -> tuple[int, int]:
-        """Smallest and largest n that monotonicity allows at `key` (given the points)."""
+        """Smallest and largest n that monotonicity allows at `key` (given the points).
+
+        Beyond the outermost point but within a factor `REACH` of its key, the bound on that
+        side is the point's own n (the tuner then profiles one candidate beyond it): a
+        drifting load that leaves the last range profiles its neighbours, not every
+        candidate up to the largest."""
         i = bisect.bisect_left(self._keys, key)
-        low = self._ns[i - 1] if i > 0 else self.candidates[0]
-        high = self._ns[i] if i < len(self._keys) else self.candidates[-1]
+        if i > 0:
+            low = self._ns[i - 1]
+        elif self._keys and key * self.REACH >= self._keys[0]:
+            low = self._ns[0]
+        else:
+            low = self.candidates[0]
+        if i < len(self._keys):
+            high = self._ns[i]
+        elif self._keys and key <= self._keys[-1] * self.REACH:
+            high = self._ns[-1]
+        else:
+            high = self.candidates[-1]
         return low, max(low, high)
 
     def nearest(self, key: int) -> int | None:

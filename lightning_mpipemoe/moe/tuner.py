@@ -143,7 +143,9 @@ class LayerTuner:
         name: the layer's name, for log lines.
     """
 
-    STALL_CALLS = 64
+    # A session's key that has not come for this many calls has drifted away (routing moves
+    # during training); while a session is open every call exchanges its load, so waiting long costs.
+    STALL_CALLS = 16
     EXCHANGE_EVERY = 8
     GROSS_MARGIN = 0.25
     # Strategies the cost model ranks within this of its pick are too close for the model (its
@@ -174,7 +176,7 @@ class LayerTuner:
         if config is None:
             candidates = (1,)
         else:
-            candidates = config.candidates if config.tunes_partitions else (config.num_partitions,)
+            candidates = config.candidate_set if config.tunes_partitions else (config.num_partitions,)
         self._table = RangeTable(candidates, self.tolerance)
         self._calibration: Calibration | None = None
         self._budget: int | None = None
@@ -291,7 +293,7 @@ class LayerTuner:
 
     @staticmethod
     def _static(config: ExecutorConfig) -> bool:
-        n_fixed = not config.tunes_partitions or len(config.candidates) == 1
+        n_fixed = not config.tunes_partitions or len(config.candidate_set) == 1
         return n_fixed and (not config.tunes_restore or config.memory_budget is None)
 
     def _setup(self, config, experts, top_k, dtype, device, ep_group, ep_size) -> None:

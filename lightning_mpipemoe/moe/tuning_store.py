@@ -94,7 +94,7 @@ def fingerprint(
         "link": link,
         "num_partitions": config.num_partitions,
         "restore": config.restore,
-        "candidates": list(config.candidates),
+        "candidates": list(config.candidate_set),
         "memory_budget": config.memory_budget,
     }
 
