@@ -178,12 +178,16 @@ grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_
 # --- eager: the same kernels and formulas without the custom-op dispatch -------------------
 
 
+# Old-style `forward(ctx, ...)`: a Function with a separate `setup_context` binds its arguments
+# through `inspect.signature` on every call, which costs as much as the dispatch saved here.
+
+
 class _EagerPermute(torch.autograd.Function):
     @staticmethod
-    def forward(hidden_TH, src_row_S, pos_TK):
-        return backend_for(hidden_TH.device).permute(hidden_TH, src_row_S, pos_TK)
-
-    setup_context = staticmethod(_permute_setup)
+    def forward(ctx, hidden_TH, src_row_S, pos_TK):
+        rows_SH = backend_for(hidden_TH.device).permute(hidden_TH, src_row_S, pos_TK)
+        _permute_setup(ctx, (hidden_TH, src_row_S, pos_TK), rows_SH)
+        return rows_SH
 
     @staticmethod
     def backward(ctx, grad):
@@ -192,10 +196,10 @@ class _EagerPermute(torch.autograd.Function):
 
 class _EagerUnpermute(torch.autograd.Function):
     @staticmethod
-    def forward(rows_SH, pos_TK, weights_TK):
-        return backend_for(rows_SH.device).unpermute(rows_SH, pos_TK, weights_TK)
-
-    setup_context = staticmethod(_unpermute_setup)
+    def forward(ctx, rows_SH, pos_TK, weights_TK):
+        out_TH = backend_for(rows_SH.device).unpermute(rows_SH, pos_TK, weights_TK)
+        _unpermute_setup(ctx, (rows_SH, pos_TK, weights_TK), out_TH)
+        return out_TH
 
     @staticmethod
     def backward(ctx, grad):
@@ -204,10 +208,10 @@ class _EagerUnpermute(torch.autograd.Function):
 
 class _EagerGroupedMM(torch.autograd.Function):
     @staticmethod
-    def forward(x_SD, w_EOD, offsets_E):
-        return backend_for(x_SD.device).grouped_mm(x_SD, w_EOD, offsets_E)
-
-    setup_context = staticmethod(_grouped_mm_setup)
+    def forward(ctx, x_SD, w_EOD, offsets_E):
+        y_SO = backend_for(x_SD.device).grouped_mm(x_SD, w_EOD, offsets_E)
+        _grouped_mm_setup(ctx, (x_SD, w_EOD, offsets_E), y_SO)
+        return y_SO
 
     @staticmethod
     def backward(ctx, grad):

@@ -516,6 +516,12 @@ def _ep2_worker(rank: int, world: int, tmp: str) -> None:
             assert_close(a, e, f"rank {rank} step {step}")
     calls = _gather(tuner.calls)
     assert calls[0] == calls[1] and len(tuner.table) == 1
+    # Evaluation calls (no grad) of another size decide by the training key and never replace it.
+    trained_key = tuner._lag_key
+    with torch.no_grad():
+        for step in range(2 * LayerTuner.EXCHANGE_EVERY):
+            expert_parallel_forward(*make_batch(3 * tokens, 2 * E, seed=step), experts, tuner=tuner, **kw)
+    assert tuner._lag_key == trained_key and not tuner.tuning
     assert _gather(tuner.table.points) == [tuner.table.points] * 2
     assert _gather(tuner.metrics()["num_partitions"])[0] == tuner.metrics()["num_partitions"]
     # Outside sessions the load is agreed every EXCHANGE_EVERY calls: a new token count is seen

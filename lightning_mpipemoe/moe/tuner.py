@@ -132,7 +132,10 @@ class LayerTuner:
         min_rounds / max_rounds: profiling rounds per session (each runs every live candidate
             once); past `min_rounds` a session ends once the leader is settled.
         tolerance: relative key distance within which a profiled point answers a lookup and a
-            call joins a running session.
+            call joins a running session (times are per row, so a joining call measures the
+            same thing). 25%: a small call's busiest-rank rows move that much from step to step
+            as routing learns, while the best n moves by one candidate over ~2.75x (DESIGN.md
+            §1.2's published ranges).
         prune_margin: from round `min_rounds`, drop a candidate significantly slower than the
             leader by more than this (see the module docstring).
         settle: the session ends when no other candidate can be faster than the leader by more
@@ -152,7 +155,7 @@ class LayerTuner:
     # calibration is a few short measurements): a session measures them too.
     MODEL_MARGIN = 0.05
 
-    def __init__(self, *, min_rounds: int = 4, max_rounds: int = 24, tolerance: float = 0.125,
+    def __init__(self, *, min_rounds: int = 4, max_rounds: int = 24, tolerance: float = 0.25,
                  prune_margin: float = 0.05, settle: float = 0.04, warmup: int = 0, name: str = ""):
         if not 1 <= min_rounds <= max_rounds or tolerance < 0 or prune_margin < 0 or settle < 0 or warmup < 0:
             raise ValueError(
@@ -230,9 +233,12 @@ class LayerTuner:
         # the background (no wait; it keys the calls after it, and reaches the host in this
         # call's one copy of counts) on every call while a session runs, else on every
         # EXCHANGE_EVERY-th: the exchange costs a collective's latency, and a steady run's load
-        # changes slowly. It is agreed now (wait, a sync) at the first call. On one rank without
-        # capacity the key is the call's own slot count, host metadata: nothing to exchange; on
-        # one rank with capacity the kept count is read now (a sync per call, not yet removed).
+        # changes slowly; an evaluation call's load (other batches, other lengths) would key the
+        # training calls after it, so only training calls exchange (evaluation ones look up by
+        # the training key, agreed all the same). It is agreed now (wait, a sync) at the first
+        # call. On one rank without capacity the key is the call's own slot count, host
+        # metadata: nothing to exchange; on one rank with capacity the kept count is read now (a
+        # sync per call, not yet removed).
         riders: list[HostRider] = []
         if ep_size == 1 and capacity is None:
             self._lag_key = top_k_index_TK.numel()
@@ -240,7 +246,7 @@ class LayerTuner:
         elif self._lag_key is None or ep_size == 1:
             self._lag_key = LoadExchange(packet(), ep_group, num_experts, wait=True).key()
             exchange = None
-        elif self._session is not None or self._calls % self.EXCHANGE_EVERY == 0:
+        elif mode == "train" and (self._session is not None or self._calls % self.EXCHANGE_EVERY == 0):
             exchange = self._inflight = LoadExchange(packet(), ep_group, num_experts, wait=False)
             riders.append(exchange.rider())
         else:
