@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="write results, RESULTS.md and plots/ here (default: benchmarks/; "
                              "--quick defaults to benchmarks/results/quick)")
     parser.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=None,
-                        help="interleaved rounds of each layer-level launch (default 5; --quick 2)")
+                        help="interleaved rounds of each layer-level launch (default 7; --quick 2)")
     parser.add_argument("--model-step-rounds", type=int, default=5, help="interleaved rounds of bench_model_step.py")
     parser.add_argument("--e2e-rounds", type=int, default=2, help="rounds of the end-to-end pair (order alternating)")
     parser.add_argument("--skip-e2e", action="store_true", help="no end-to-end fine-tuning pair")
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     plots_dir = (out_dir / "plots") if out_dir else HERE / "plots"
     rows_dir = results_dir / "suite_rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
-    rounds = args.rounds or (2 if args.quick else 5)
+    rounds = args.rounds or (2 if args.quick else 7)
     warmup = 1
 
     started = time.perf_counter()
