@@ -327,6 +327,10 @@ def generate(payload: dict, md_path: Path, plots_dir: Path) -> Path:
               "- CUDA rows: `bench_layer.py` runs on CPU gloo only; on a GPU machine use `benchmarks/gpu_check.sh`.",
               "- HF rows over the simulated link: HF's AllToAllEP has no seam for it (ours only in the link table).",
               "- EP = 4 runs 4 processes on 2 cores: absolute times are oversubscribed.",
+              "- The layer tables' step peak (RSS growth of one step) is rough: it grows with the number of "
+              "systems sharing the launch's process (n = 4 / s4 at T = 4096: 124–137 MiB beside 2 other systems, "
+              "159–206 MiB beside 9, a probe of 2026-12-06), so compare it within one table only; held and host "
+              "bytes are exact (the saved-tensor meter).",
               "- `memory_budget` bounds what the layer holds on the device; the tuner may meet it by offloading "
               "(s1–s3). On CPU the offload store is the same DRAM, so held + host is what the process holds.",
               "- End to end, HF's EP: `from_pretrained(distributed_config=DistributedConfig(ep_size=2))` needs "
