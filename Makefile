@@ -28,9 +28,10 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $(BENCH_STAMP)
 
-# The side-by-side benchmark suite (one process launch per configuration, < 20 min on 2 cores):
-# regenerates benchmarks/RESULTS.md, benchmarks/plots/*.png and benchmarks/results/suite.{json,csv}.
-# BENCH_ARGS=--quick for a smoke run (results under benchmarks/results/quick/).
+# The side-by-side benchmark suite (every system of a comparison interleaved in one process launch,
+# ~15 min on 2 quiet cores, < 20): regenerates benchmarks/RESULTS.md, benchmarks/plots/*.png and
+# benchmarks/results/suite.{json,csv}. BENCH_ARGS=--quick for a smoke run (results under
+# benchmarks/results/quick/); BENCH_ARGS="--out-dir DIR" to keep the committed results as they are.
 bench: $(BENCH_STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/suite.py $(BENCH_ARGS)
 

@@ -1,7 +1,10 @@
 """End to end: the default recipe's tokens/s and peak memory against the same fine-tuning with
 Hugging Face's built-in EP under plain Lightning DDP (`bench_e2e_hf_ddp.py`).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_e2e_finetune.py [--steps 40] [--out-dir DIR]
+    OMP_NUM_THREADS=1 python benchmarks/bench_e2e_finetune.py [--steps 40] [--rounds 2] [--out-dir DIR]
+
+`--rounds R` runs R pairs back to back, the order alternating (ours, HF, HF, ours, ...), and
+reports each round's tokens/s ratio and their median [min, max].
 
 Both: the tiny Mixtral of `conf/model/mixtral_tiny.yaml` (8 experts, top-2), the shipped
 corpus, seq_len 64, batch 8 per rank, 2 CPU processes, EP = 2. Ours is
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,24 +85,52 @@ def run_hf_ddp(out_dir: Path, steps: int) -> dict:
             "clipping at global norm 1.0 as the recipe's, AdamW foreach=False (see bench_e2e_hf_ddp.py)"}
 
 
-def run_pair(out_dir: Path, steps: int = 40) -> dict:
+def run_pair(out_dir: Path, steps: int = 40, hf_first: bool = False) -> dict:
+    """One run of each side, ours first unless `hf_first` (ours writes the tiny checkpoint HF's
+    side loads, so the very first run of a fresh machine must be ours)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    ours = run_ours(out_dir, steps)  # also writes the tiny checkpoint the first time
-    print(f"  e2e ours: {ours.get('tokens_per_s') or ours.get('error')}", flush=True)
-    hf = run_hf_ddp(out_dir, steps)
-    print(f"  e2e HF EP + DDP: {hf.get('tokens_per_s') or hf.get('error')}", flush=True)
-    return {"steps": steps, "ours": ours, "hf_ep_ddp": hf, "wall_s": time.perf_counter() - start}
+    result = {}
+    for name in (("hf_ep_ddp", "ours") if hf_first else ("ours", "hf_ep_ddp")):
+        result[name] = run_ours(out_dir, steps) if name == "ours" else run_hf_ddp(out_dir, steps)
+        r = result[name]
+        print(f"  e2e {name}: {r.get('tokens_per_s') or r.get('error')}", flush=True)
+    ours, hf = result["ours"].get("tokens_per_s"), result["hf_ep_ddp"].get("tokens_per_s")
+    return {"steps": steps, "order": list(result), **result, "ratio": ours / hf if ours and hf else None,
+            "wall_s": time.perf_counter() - start}
+
+
+def run_rounds(out_dir: Path, steps: int = 40, rounds: int = 2) -> dict:
+    """`rounds` pairs back to back, the order alternating (ours, HF, HF, ours, ...), so that a
+    load change mid-run falls on both sides: each round's ratio and their median."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    start = time.perf_counter()
+    pairs = [run_pair(out_dir / f"round{i}", steps, hf_first=bool(i % 2)) for i in range(rounds)]
+    ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
+    return {"steps": steps, "rounds": pairs,
+            "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)} if ratios else None,
+            "wall_s": time.perf_counter() - start}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2, help="pairs back to back, the order alternating")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results" / "e2e")
     args = parser.parse_args()
-    result = run_pair(args.out_dir, args.steps)
+    if args.steps < 6 or args.rounds < 1:
+        parser.error(f"need --steps >= 6 (5 warm-up steps are not timed) and --rounds >= 1; got --steps "
+                     f"{args.steps}, --rounds {args.rounds}")
+    result = run_rounds(args.out_dir, args.steps, args.rounds)
     (args.out_dir / "e2e.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(json.dumps({k: v for k, v in result.items()}, indent=2, default=str)[:3000])
+    for i, pair in enumerate(result["rounds"]):
+        ratio = pair["ratio"]
+        print(f"round {i} ({' then '.join(pair['order'])}): ours / HF EP under DDP = "
+              + (f"{ratio:.2f}x tokens/s" if ratio else "failed"))
+    if result["ratio"]:
+        r = result["ratio"]
+        print(f"median over {len(result['rounds'])} rounds: {r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}]")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,6 @@ run would), the same layers under the same config.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import logging
 import os
 import time
@@ -62,7 +60,7 @@ from dataclasses import asdict, dataclass
 import lightning_mpipemoe  # noqa: F401  isort: skip  (before transformers)
 import torch
 import torch.distributed as dist
-from pipeline_common import launch, machine_note, summarize, write_json
+from pipeline_common import PeakRss, launch, machine_note, ratio_summaries, summarize, timed_once, write_json
 
 from lightning_mpipemoe import ExecutorConfig, build_process_groups
 from lightning_mpipemoe.hf_models.api import convert_model, sharded_expert_keys
@@ -267,21 +265,10 @@ class ScopedMeter(SavedTensorMeter):
             handle.remove()
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def measured_step(system: System, libc) -> dict:
-    """One step with every meter on (see the module docstring); rank-local figures."""
-    gc.collect()
-    libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    base = _rss_kib("VmRSS")
+def measured_step(system: System, rss: PeakRss | None) -> dict:
+    """One step with every meter on (see the module docstring); rank-local figures. Without
+    `rss` (before the timed rounds, where the allocator must stay as it is) no peak: -1."""
+    base = rss.begin() if rss is not None else None
     meter = ScopedMeter(system)
     host0 = host_pool(False).in_use_bytes
     with meter:
@@ -289,7 +276,7 @@ def measured_step(system: System, libc) -> dict:
     host = host_pool(False).in_use_bytes - host0
     meter.remove()
     system.finish(loss)
-    peak = (_rss_kib("VmHWM") - base) * 1024
+    peak = rss.end(base) if rss is not None else -1 - host
     # Under gradient checkpointing the checkpoint's own hooks (innermost) take the blocks'
     # tensors: the experts calls save nothing the meter sees there (-1: not measured).
     per_layer = -1 if system.name.endswith("ckpt") else max(meter.per_call)
@@ -309,26 +296,16 @@ def _mean_over_ranks(x: float) -> float:
     return float(t) / dist.get_world_size()
 
 
-def _timed(fn) -> float:
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    t = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
 def _bench(rank: int, world: int, shape: ModelShape, tokens: int, repeats: int, max_tune_steps: int,
            names: tuple[str, ...], tuner_max_rounds: int, verbose: bool = False) -> dict:
     torch.set_num_threads(1)
     if verbose:  # the tuners' decisions (rank 0 logs them)
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("lightning_mpipemoe").setLevel(logging.INFO)
-    libc = ctypes.CDLL("libc.so.6")
     # HF EP first: its experts bytes set the budget rows' budgets, its first step the reference loss.
     systems = build_systems(shape, rank, world, tokens, None, names=(HF_EP,))
     first_loss = {HF_EP: _mean_over_ranks(systems[HF_EP].step())}
-    hf_mem = _max_over_ranks(measured_step(systems[HF_EP], libc))
+    hf_mem = _max_over_ranks(measured_step(systems[HF_EP], None))
     hf_experts = int(hf_mem["experts_bytes_per_layer"])
     others = build_systems(shape, rank, world, tokens, hf_experts, names=tuple(n for n in names if n != HF_EP),
                            tuner_max_rounds=tuner_max_rounds)
@@ -355,16 +332,14 @@ def _bench(rank: int, world: int, shape: ModelShape, tokens: int, repeats: int, 
         for i in range(len(order)):
             name = order[(r + i) % len(order)]
             before = systems[name].profile_calls()
-            times[name].append(_timed(systems[name].step))
+            times[name].append(timed_once(systems[name].step))
             profiled[name] += int(systems[name].profile_calls() > before)
     # Memory pass: allocator caching out of the way (see the module docstring).
-    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed tensors leave the process
-    libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
-    memory = {name: _max_over_ranks(measured_step(system, libc)) for name, system in systems.items()}
+    rss = PeakRss()
+    memory = {name: _max_over_ranks(measured_step(system, rss)) for name, system in systems.items()}
     decisions = {}
     for name, system in systems.items():
         decisions[name] = [b.tuner.metrics() for b in system.bindings()]
-    ratios = {name: [t / h for t, h in zip(times[name], times[HF_EP])] for name in order}
     return {
         "shape": asdict(shape), "tokens_per_rank": tokens, "repeats": repeats,
         "hf_ep_experts_bytes_per_layer": hf_experts,
@@ -372,7 +347,7 @@ def _bench(rank: int, world: int, shape: ModelShape, tokens: int, repeats: int, 
         "tuner_max_rounds": tuner_max_rounds, "first_step_loss": first_loss, "tune_steps": tune_steps,
         "timed_steps_profiling": profiled,
         "times": {name: summarize(t) for name, t in times.items()}, "raw_times_s": times,
-        "ratio_vs_hf_ep": {name: summarize(r) for name, r in ratios.items()}, "memory": memory,
+        "ratio_vs_hf_ep": ratio_summaries(times, HF_EP), "memory": memory,
         "tuner_metrics_rank0": decisions,
     }
 

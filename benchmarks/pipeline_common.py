@@ -10,7 +10,9 @@ Shape legend: T tokens, H model dim, I expert hidden, E experts, K top-k.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import gc
 import json
 import os
 import socket
@@ -191,6 +193,47 @@ def timed_round_robin(steps: dict, repeats: int, warmup: int = 1) -> dict:
         for key in keys[shift:] + keys[:shift]:
             times[key].append(timed_once(steps[key]))
     return times
+
+
+def ratio_summaries(times: dict, reference: str) -> dict:
+    """Per-round ratios of every entry of `times` (lists of one time per round, as
+    `timed_round_robin` returns them) to `reference`'s time of the same round, summarised
+    (median, min, max over rounds): a paired ratio that a load change between rounds
+    moves for both sides alike."""
+    return {name: summarize([t / r for t, r in zip(series, times[reference])]) for name, series in times.items()}
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakRss:
+    """The peak resident memory of one call above the RSS before it, with the allocator's
+    caching out of the way: glibc's mmap and trim thresholds are fixed at 64 KiB (so tensor
+    memory goes back to the OS when freed; set once, at construction: make it after the
+    timed rounds), `malloc_trim(0)` runs before each call and the kernel's high-water mark
+    is reset (`/proc/self/clear_refs` 5) right before it. Linux + glibc only."""
+
+    def __init__(self) -> None:
+        self.libc = ctypes.CDLL("libc.so.6")
+        self.libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        self.libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+
+    def begin(self) -> int:
+        gc.collect()
+        self.libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        return _rss_kib("VmRSS")
+
+    @staticmethod
+    def end(base_kib: int) -> int:
+        """Bytes of the peak RSS since `begin()` above the RSS `begin()` returned."""
+        return (_rss_kib("VmHWM") - base_kib) * 1024
 
 
 def write_json(name: str, payload: dict) -> Path:

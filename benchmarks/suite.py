@@ -1,9 +1,11 @@
 """The side-by-side benchmark suite: the whole-model steps against HF's EP (`bench_model_step.py`,
-every system interleaved in one launch per shape), every configuration of `suite_configs.py`,
-one process launch each (`bench_layer.py`), then the end-to-end fine-tuning pair, then the report.
+every system interleaved in one launch per shape), the layer-level launches of `suite_configs.py`
+(`bench_layer.py`, every system of a launch interleaved in it), then the end-to-end fine-tuning
+pair (rounds alternating the order), then the report. Each section's wall time is printed and
+recorded (suite.json `section_wall_s`, RESULTS.md's header).
 
     OMP_NUM_THREADS=1 python benchmarks/suite.py            # full run (< 20 min on 2 cores)
-    OMP_NUM_THREADS=1 python benchmarks/suite.py --quick    # smoke run: a few small launches
+    OMP_NUM_THREADS=1 python benchmarks/suite.py --quick    # smoke run: one small layer launch
 
 Writes benchmarks/results/suite.{json,csv}, benchmarks/RESULTS.md and benchmarks/plots/*.png
 (with --quick, or --out-dir DIR: results, RESULTS.md and plots/ under that folder instead,
@@ -24,51 +26,42 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import report  # noqa: E402
-from suite_configs import HALF_OF_HF, LINK_BANDWIDTH, Run, runs  # noqa: E402
+from suite_configs import LINK_BANDWIDTH, Launch, launches  # noqa: E402
 
 
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _hf_held(rows: list[dict], run: Run) -> int | None:
-    for row in rows:
-        if (row.get("system") == "hf_ep_grouped_mm" and row["ep"] == run.ep and row["tokens_per_rank"] == run.tokens
-                and row["top_k"] == run.top_k):
-            return int(row["held_bytes"])
-    return None
-
-
-def launch_one(run: Run, rows: list[dict], rows_dir: Path, repeats: int, warmup: int) -> dict:
-    out = rows_dir / f"{run.key}.json"
-    cmd = [sys.executable, str(HERE / "bench_layer.py"), "--system", run.system, "--ep", str(run.ep),
-           "--tokens", str(run.tokens), "--top-k", str(run.top_k), "--repeats", str(repeats),
+def launch_one(launch: Launch, rows_dir: Path, rounds: int, warmup: int) -> tuple[list[dict], float]:
+    """One `bench_layer.py` launch (all of `launch.systems` interleaved): its rows and wall time."""
+    out = rows_dir / f"{launch.key}.json"
+    cmd = [sys.executable, str(HERE / "bench_layer.py"), "--systems", *launch.systems, "--ep", str(launch.ep),
+           "--tokens", str(launch.tokens), "--top-k", str(launch.top_k), "--rounds", str(launch.rounds or rounds),
            "--warmup", str(warmup), "--out", str(out)]
-    if run.link:
+    if launch.link:
         cmd += ["--link", "--link-bandwidth", str(LINK_BANDWIDTH)]
-    if run.budget == HALF_OF_HF:
-        held = _hf_held(rows, run)
-        if held is None:
-            return {"key": run.key, "group": run.group, "system": run.system, "error": "no HF EP row to take the budget from"}
-        cmd += ["--budget-bytes", str(held // 2)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stdout + proc.stderr)[-1500:]
-        print(f"  FAILED {run.key} ({wall:.0f} s):\n{tail}", flush=True)
-        return {"key": run.key, "group": run.group, "system": run.system, "ep": run.ep, "tokens_per_rank": run.tokens,
-                "top_k": run.top_k, "link": run.link, "error": tail}
-    row = json.loads(out.read_text())
-    row.update(key=run.key, group=run.group, launch_wall_s=wall, budget_rule=run.budget)
-    print(f"  {proc.stdout.strip().splitlines()[-1].strip()}  ({wall:.0f} s)", flush=True)
-    return row
+        print(f"  FAILED {launch.key} ({wall:.0f} s):\n{tail}", flush=True)
+        return [{"key": f"{launch.key}-{system}", "group": launch.group, "system": system, "ep": launch.ep,
+                 "tokens_per_rank": launch.tokens, "top_k": launch.top_k, "link": launch.link, "error": tail}
+                for system in launch.systems], wall
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows:
+        row.update(key=f"{launch.key}-{row['system']}", group=launch.group, launch_key=launch.key,
+                   launch_wall_s=wall)
+    print(proc.stdout.rstrip() + f"\n  ({wall:.0f} s)", flush=True)
+    return rows, wall
 
 
-def run_model_step(results_dir: Path) -> dict | None:
+def run_model_step(results_dir: Path, repeats: int) -> dict | None:
     """The whole-model section: `bench_model_step.py` (both shapes) in its own process; None if it failed."""
     out = results_dir / "model_step.json"
-    cmd = [sys.executable, str(HERE / "bench_model_step.py"), "--tokens", "1024", "--repeats", "5",
+    cmd = [sys.executable, str(HERE / "bench_model_step.py"), "--tokens", "1024", "--repeats", str(repeats),
            "--out", str(out)]
     print("whole-model steps: " + " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
@@ -82,52 +75,78 @@ def run_model_step(results_dir: Path) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: a few small launches, no end-to-end pair")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one small launch, no whole-model "
+                        "section, no end-to-end pair")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="write results, RESULTS.md and plots/ here (default: benchmarks/; "
                              "--quick defaults to benchmarks/results/quick)")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=None,
+                        help="interleaved rounds of each layer-level launch (default 7; --quick 2)")
+    parser.add_argument("--model-step-rounds", type=int, default=5, help="interleaved rounds of bench_model_step.py")
+    parser.add_argument("--e2e-rounds", type=int, default=2, help="rounds of the end-to-end pair (order alternating)")
     parser.add_argument("--skip-e2e", action="store_true", help="no end-to-end fine-tuning pair")
     parser.add_argument("--skip-model-step", action="store_true",
                         help="no whole-model section (bench_model_step.py); --quick skips it too")
     args = parser.parse_args(argv)
+    for name in ("rounds", "model_step_rounds", "e2e_rounds"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     out_dir = args.out_dir or (HERE / "results" / "quick" if args.quick else None)
     results_dir = out_dir if out_dir else HERE / "results"
     md_path = (out_dir / "RESULTS.md") if out_dir else HERE / "RESULTS.md"
     plots_dir = (out_dir / "plots") if out_dir else HERE / "plots"
     rows_dir = results_dir / "suite_rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
-    repeats = args.repeats or (3 if args.quick else 7)
-    warmup = 1 if args.quick else 2
+    rounds = args.rounds or (2 if args.quick else 7)
+    warmup = 1
 
     started = time.perf_counter()
-    plan = runs(args.quick)
+    sections: dict[str, float] = {}
+    plan = launches(args.quick)
     rows: list[dict] = []
     model_step = None
     if not (args.quick or args.skip_model_step):
-        model_step = run_model_step(results_dir)
-    print(f"suite: {len(plan)} launches, {repeats} timed steps each", flush=True)
-    for i, run in enumerate(plan, 1):
-        print(f"[{i}/{len(plan)}] {run.key}", flush=True)
-        rows.append(launch_one(run, rows, rows_dir, repeats, warmup))
+        t0 = time.perf_counter()
+        model_step = run_model_step(results_dir, args.model_step_rounds)
+        sections["model_step"] = time.perf_counter() - t0
+        print(f"section model_step: {sections['model_step']:.0f} s", flush=True)
+    print(f"layer launches: {len(plan)}, {rounds} interleaved rounds each", flush=True)
+    launch_walls = {}
+    t0 = time.perf_counter()
+    for i, launch in enumerate(plan, 1):
+        print(f"[{i}/{len(plan)}] {launch.key}: {' '.join(launch.systems)}", flush=True)
+        launch_rows, launch_walls[launch.key] = launch_one(launch, rows_dir, rounds, warmup)
+        rows += launch_rows
+    sections["layer"] = time.perf_counter() - t0
+    print(f"section layer: {sections['layer']:.0f} s", flush=True)
     e2e = None
     if not (args.quick or args.skip_e2e):
         import bench_e2e_finetune
 
-        e2e = bench_e2e_finetune.run_pair(results_dir / "e2e")
-    wall = time.perf_counter() - started
+        t0 = time.perf_counter()
+        e2e = bench_e2e_finetune.run_rounds(results_dir / "e2e", rounds=args.e2e_rounds)
+        sections["e2e"] = time.perf_counter() - t0
+        print(f"section e2e: {sections['e2e']:.0f} s", flush=True)
     payload = {
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick, "repeats": repeats, "warmup": warmup, "suite_wall_s": wall,
+        "quick": args.quick, "rounds": rounds, "warmup": warmup, "model_step_rounds": args.model_step_rounds,
+        "e2e_rounds": args.e2e_rounds, "section_wall_s": sections, "launch_wall_s": launch_walls,
         "link_bandwidth_bytes_per_s": LINK_BANDWIDTH, "rows": rows, "e2e": e2e, "model_step": model_step,
     }
     name = "suite_quick" if args.quick else "suite"
     json_path = results_dir / f"{name}.json"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
     csv_path = results_dir / f"{name}.csv"
+    t0 = time.perf_counter()
     report.write_csv(rows, csv_path)
+    payload["suite_wall_s"] = time.perf_counter() - started  # up to the report (which records its own time)
     report.generate(payload, md_path, plots_dir)
-    print(f"suite wall time {wall / 60:.1f} min; wrote {json_path}, {csv_path}, {md_path}, {plots_dir}/")
+    sections["report"] = time.perf_counter() - t0
+    payload["suite_wall_s"] = time.perf_counter() - started
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    print("section wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in sections.items()))
+    print(f"suite wall time {payload['suite_wall_s'] / 60:.1f} min; wrote {json_path}, {csv_path}, {md_path}, "
+          f"{plots_dir}/")
     return 1 if any("error" in row for row in rows) else 0
 
 

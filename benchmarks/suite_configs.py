@@ -1,12 +1,17 @@
-"""The configurations of the side-by-side suite (`suite.py`): one `Run` per process launch.
+"""The layer-level launches of the side-by-side suite (`suite.py`): one `Launch` per process launch
+of `bench_layer.py`, every system of a launch interleaved round by round in it.
 
 Groups (the `group` field, which `report.py` tables and plots read):
 
-    main     T = 4096 per rank, EP = 2, top-2, no simulated link: every system, n = 1..8,
-             adaptive without and with a memory budget (half of HF built-in EP's held bytes)
+    main     T = 4096 per rank, EP = 2, top-2, no simulated link: HF's EP (grouped_mm, eager),
+             HF without EP, ours at n = 1, 2, 4, 8, n = 4 / s4, the default (tuner) without and
+             with a memory budget (half of HF EP's held bytes, measured first in the launch)
     link     the same layer over the simulated link (ours only: HF's AllToAllEP has no seam)
     ep4      EP = 4 (4 processes on the 2 cores: oversubscribed, compare rows with each other)
-    tokens   EP = 2 over T per rank, for the speed-up-vs-tokens plot
+    tokens   EP = 2 at other T per rank, for the speed-up-vs-tokens plot (T = 4096: main)
+
+Every ratio a table or plot shows (a system against hf_ep_grouped_mm at one (EP, T, top-k)
+point) is taken between steps of the same launch and the same round.
 """
 
 from __future__ import annotations
@@ -19,50 +24,34 @@ from dataclasses import dataclass
 #: launch sees the same link.
 LINK_BANDWIDTH = 5.6e7
 
-#: The budget row's marker: the driver replaces it with half of HF EP's measured held bytes.
-HALF_OF_HF = "half_of_hf_ep"
+#: The systems every point of the token sweep compares with HF's EP (T = 4096 is in main).
+SWEEP_SYSTEMS = ("hf_ep_grouped_mm", "ours_n1", "ours_n4", "ours_n4_s4", "ours_auto", "ours_auto_budget50")
 
 
 @dataclass(frozen=True)
-class Run:
+class Launch:
     group: str
-    system: str
+    systems: tuple[str, ...]
     ep: int = 2
     tokens: int = 4096
     top_k: int = 2
     link: bool = False
-    budget: str | None = None  # None or HALF_OF_HF
+    rounds: int | None = None  # None: the suite's --rounds
 
     @property
     def key(self) -> str:
-        parts = [self.group, self.system, f"ep{self.ep}", f"t{self.tokens}", f"k{self.top_k}"]
-        if self.link:
-            parts.append("link")
-        if self.budget:
-            parts.append("budget")
-        return "-".join(parts)
+        return "-".join([self.group, f"ep{self.ep}", f"t{self.tokens}", f"k{self.top_k}"]
+                        + (["link"] if self.link else []))
 
 
-def runs(quick: bool = False) -> list[Run]:
-    """Every launch of the suite, HF EP rows first within each (EP, T) so that budget rows
-    can read HF's held bytes. `quick`: a smoke run of a few small launches."""
+def launches(quick: bool = False) -> list[Launch]:
+    """Every layer-level launch of the suite. `quick`: one small launch (a smoke run)."""
     if quick:
-        t = 512
-        return [
-            Run("main", "hf_ep_grouped_mm", tokens=t),
-            Run("main", "ours_n2", tokens=t),
-            Run("main", "ours_auto", tokens=t, budget=HALF_OF_HF),
-            Run("link", "ours_n2", tokens=t, link=True),
-        ]
-    out = [Run("main", s) for s in ("hf_ep_grouped_mm", "hf_ep_eager", "hf_single_grouped_mm", "hf_single_eager",
-                                   "ours_n1", "ours_n2", "ours_n4", "ours_n8", "ours_n4_s4", "ours_auto")]
-    out.append(Run("main", "ours_auto", budget=HALF_OF_HF))
-    out += [Run("link", s, link=True) for s in ("ours_n1", "ours_n2", "ours_n4", "ours_n8", "ours_auto")]
-    out += [Run("ep4", s, ep=4, tokens=2048) for s in ("hf_ep_grouped_mm", "hf_ep_eager", "ours_n1", "ours_n4",
-                                                      "ours_auto")]
-    for tokens in (1024, 2048):
-        out += [Run("tokens", s, tokens=tokens) for s in ("hf_ep_grouped_mm", "ours_n1", "ours_n4", "ours_auto")]
-    # No recheck pass, no EP = 4 link rows and no T = 8192 sweep point any more: the whole-model
-    # section (bench_model_step.py, every system interleaved in one launch) took their share of
-    # the 20-minute budget, and it is the paired measurement the recheck pass approximated.
-    return out
+        return [Launch("main", ("hf_ep_grouped_mm", "ours_n2", "ours_auto_budget50"), tokens=512)]
+    return [
+        Launch("main", ("hf_ep_grouped_mm", "hf_ep_eager", "hf_single_grouped_mm", "ours_n1", "ours_n2", "ours_n4",
+                        "ours_n8", "ours_n4_s4", "ours_auto", "ours_auto_budget50")),
+        Launch("link", ("ours_n1", "ours_n2", "ours_n4", "ours_n8", "ours_auto"), link=True),
+        Launch("ep4", ("hf_ep_grouped_mm", "hf_ep_eager", "ours_n1", "ours_n4", "ours_auto"), ep=4, tokens=2048),
+        *(Launch("tokens", SWEEP_SYSTEMS, tokens=t) for t in (1024, 2048)),
+    ]
