@@ -1,7 +1,7 @@
 """End to end: the default recipe's tokens/s and peak memory against the same fine-tuning with
 Hugging Face's built-in EP under plain Lightning DDP (`bench_e2e_hf_ddp.py`).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_e2e_finetune.py [--steps 40] [--rounds 2] [--out-dir DIR]
+    OMP_NUM_THREADS=1 python benchmarks/bench_e2e_finetune.py [--steps 80] [--rounds 2] [--out-dir DIR]
 
 `--rounds R` runs R pairs back to back, the order alternating (ours, HF, HF, ours, ...), and
 reports each round's tokens/s ratio and their median [min, max].
@@ -85,7 +85,7 @@ def run_hf_ddp(out_dir: Path, steps: int) -> dict:
             "clipping at global norm 1.0 as the recipe's, AdamW foreach=False (see bench_e2e_hf_ddp.py)"}
 
 
-def run_pair(out_dir: Path, steps: int = 40, hf_first: bool = False) -> dict:
+def run_pair(out_dir: Path, steps: int = 80, hf_first: bool = False) -> dict:
     """One run of each side, ours first unless `hf_first` (ours writes the tiny checkpoint HF's
     side loads, so the very first run of a fresh machine must be ours)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def run_pair(out_dir: Path, steps: int = 40, hf_first: bool = False) -> dict:
             "wall_s": time.perf_counter() - start}
 
 
-def run_rounds(out_dir: Path, steps: int = 40, rounds: int = 2) -> dict:
+def run_rounds(out_dir: Path, steps: int = 80, rounds: int = 2) -> dict:
     """`rounds` pairs back to back, the order alternating (ours, HF, HF, ours, ...), so that a
     load change mid-run falls on both sides: each round's ratio and their median."""
     if rounds < 1:
@@ -115,7 +115,8 @@ def run_rounds(out_dir: Path, steps: int = 40, rounds: int = 2) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=80,
+                        help="training steps of each run (80: the default recipe's, conf/trainer/cpu.yaml)")
     parser.add_argument("--rounds", type=int, default=2, help="pairs back to back, the order alternating")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results" / "e2e")
     args = parser.parse_args()

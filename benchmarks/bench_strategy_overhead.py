@@ -5,7 +5,7 @@ Lightning DDP (experts replicated) against `MPipeMoEStrategy` at EP = 1, interle
 
 Both sides: the tiny Mixtral of `conf/model/mixtral_tiny.yaml` (`CausalLMFineTune`, the
 recipe's AdamW settings), the shipped corpus at seq_len 64, batch 8 per rank, 2 CPU processes
-(gloo), `gradient_clip_val=1.0`, `log_every_n_steps=1` and a CSV logger as in the recipe. Under
+(gloo), `gradient_clip_val=1.0`, `log_every_n_steps=10` and a CSV logger as in the recipe. Under
 `strategy="ddp"` the module loads the model with EP = 1 layers (every rank holds all experts,
 DDP reduces them with the rest); under `MPipeMoEStrategy(expert_parallel_size=1)` the experts
 are left out of DDP and reduced by the strategy's own bucketed reducer, clipping takes the
@@ -100,7 +100,7 @@ def _fit(
         logger=CSVLogger(log_dir, name=kind),
         precision="32-true",
         gradient_clip_val=1.0,
-        log_every_n_steps=1,
+        log_every_n_steps=10,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
