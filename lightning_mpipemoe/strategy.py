@@ -362,12 +362,14 @@ class MPipeMoEStrategy(ExpertCheckpointMethods, DDPStrategy):
         self._broadcast_expert_shards(module)
 
     def _broadcast_expert_shards(self, module: nn.Module) -> None:
-        """Make the replicas of each expert shard identical (DDP does so for the rest)."""
+        """Make the replicas of each expert shard identical (DDP does so for the rest). Not for a
+        model loaded into FSDP shards (every rank read the same files) or built on the meta
+        device (`fsdp.materialize` initialises it after sharding)."""
         groups = self.moe_groups
-        if groups.expert_dp_size == 1:
+        named = dict(module.named_parameters())
+        if groups.expert_dp_size == 1 or fsdp.is_sharded(module) or any(p.is_meta for p in named.values()):
             return
         src = dist.get_global_rank(groups.expert_dp, 0)
-        named = dict(module.named_parameters())
         with torch.no_grad():
             for key in sorted(self._expert_keys):
                 collectives.broadcast(named[key].data, src, group=groups.expert_dp, site="strategy.expert_shards")

@@ -228,6 +228,7 @@ def _summary(prepared: Prepared, before: dict, after: dict, seconds: float, expo
     strategy = trainer.strategy
     groups = strategy.moe_groups
     output_dir = Path(cfg.output_dir)
+    report = getattr(module, "load_report", None)
     checkpoint = next((Path(c.last_model_path) for c in trainer.checkpoint_callbacks if c.last_model_path), None)
     hf = prepared.hf_config
     return {
@@ -255,6 +256,8 @@ def _summary(prepared: Prepared, before: dict, after: dict, seconds: float, expo
         "moe": monitor.moe,
         "export_dir": str(export_dir) if export_dir else None,
         "checkpoint": str(checkpoint) if checkpoint else None,
+        # What global rank 0 read of the model's checkpoint tensors (its slices only).
+        "load": {"bytes_read": report.bytes_read, "checkpoint_bytes": report.checkpoint_bytes} if report else None,
         "log_dir": str(output_dir / "logs"),
         "summary_file": str(output_dir / "summary.json"),
     }

@@ -1,7 +1,9 @@
 """`mpipemoe-finetune strategy=mpipemoe_fsdp`: the default tiny recipe (tiny Mixtral, shipped
 corpus, 2 CPU processes, EP 2) with FSDP2 sharding, in a subprocess as a user runs it.
 
-Training lowers the held-out loss; the checkpoint is a torch.distributed.checkpoint directory
+The model is loaded into FSDP shards in `configure_model` (`hf_models.fsdp_load.load_fsdp`:
+rank 0 reads about half the checkpoint, and the loaded model gives plain transformers' held-out
+loss). Training lowers the held-out loss; the checkpoint is a torch.distributed.checkpoint directory
 (one shard file per rank); the export is written one file per rank (`hf_models/fsdp_export.py`)
 and, loaded by `evaluate` (plain transformers), gives the held-out loss the run reported.
 A run the memory plan says does not fit stops before any process starts, with one line.
@@ -50,6 +52,13 @@ def test_fsdp_recipe_trains_checkpoints_and_exports(tmp_path):
     before, after = summary["heldout"]["before"], summary["heldout"]["after"]
     assert after["loss"] < before["loss"] - 0.1, (before, after)
     assert summary["run"]["processes"] == 2 and summary["run"]["steps"] == 8
+    # Loaded straight into shards (`load_fsdp`): rank 0 read its rows of the dense tensors and its
+    # experts' slices, about half of the checkpoint (a full dense copy would be well over half) ...
+    load = summary["load"]
+    assert 0.4 * load["checkpoint_bytes"] < load["bytes_read"] < 0.55 * load["checkpoint_bytes"], load
+    # ... and those shards are the checkpoint's: the held-out loss before training is the one plain
+    # transformers gives on the model directory.
+    assert abs(evaluate_directory(summary["model"]["path"])["loss"] - before["loss"]) < 1e-5
     checkpoint = Path(summary["checkpoint"])
     assert sorted(p.name for p in checkpoint.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
     export = Path(summary["export_dir"])
