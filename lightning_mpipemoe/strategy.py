@@ -128,7 +128,11 @@ class MPipeMoEStrategy(ExpertCheckpointMethods, DDPStrategy):
             (registered as "mpipemoe_spawn").
         sharding: "ddp" (replicated dense part, DDP) or "fsdp" (FSDP2: dense part sharded over
             all ranks, experts over the expert-dp ranks; `fsdp.py`; registered as
-            "mpipemoe_fsdp" and "mpipemoe_fsdp_spawn").
+            "mpipemoe_fsdp" and "mpipemoe_fsdp_spawn"). Under "fsdp" the model may be given
+            with its weights, built in `configure_model`, loaded there into shards
+            (`hf_models.fsdp_load.load_fsdp`), or built there on the meta device: then its
+            shards are allocated after sharding and initialised by the model's own init, each
+            rank from its own random stream (`fsdp.materialize` says what that reproduces).
         **kwargs: DDPStrategy's arguments (`find_unused_parameters`, `static_graph`, comm
             hooks, ...), passed on to `DistributedDataParallel`.
     """

@@ -44,7 +44,7 @@ from lightning_mpipemoe.fsdp import (
 from lightning_mpipemoe.hf_models.lightning_modules import MoECausalLMModule
 from lightning_mpipemoe.memory_plan import count_model, meta_model, plan_rank
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
-from tests.hf_tiny import VOCAB, tiny_model
+from tests.hf_tiny import VOCAB, tiny_config, tiny_model
 from tests.strategy_models import SaveAt
 
 TOL = 1e-5
@@ -105,6 +105,48 @@ class BuiltInConfigureModel(MoECausalLMModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = tiny_model(FAMILY)
+
+
+class BuiltOnMeta(MoECausalLMModule):
+    """Built on the meta device in `configure_model` (Hugging Face's `from_config` under
+    `torch.device("meta")`): the strategy shards it, then allocates and initialises the shards
+    (`fsdp.materialize`); in the main process the consolidated weights are assigned."""
+
+    def __init__(self) -> None:
+        super().__init__(None, **hparams())
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(tiny_config(FAMILY))
+
+
+class FreshShards(Callback):
+    """At fit start (after the strategy's setup, before a checkpoint loads): this rank's freshly
+    materialised shards (meta or not finite, global and local shapes, a few values) and the
+    loss of the initialised model on this rank's first batch."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @torch.no_grad()
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from torch.distributed.tensor import DTensor
+
+        named = dict(pl_module.named_parameters())
+        rank, world = trainer.global_rank, trainer.world_size
+        record = {
+            "bad": [k for k, p in named.items() if p.is_meta or not isinstance(p, DTensor)
+                    or not bool(torch.isfinite(p.to_local()).all())],  # fmt: skip
+            "shapes": {k: [list(p.shape), list(p.to_local().shape)] for k, p in named.items()},
+            "values": {k: p.to_local().flatten()[:4].tolist() for k, p in named.items()},
+            "moments": {k: [float(p.to_local().mean()), float(p.to_local().std()), p.to_local().numel()]
+                        for k, p in named.items() if p.to_local().numel() >= 64},  # fmt: skip
+            "loss": float(pl_module.model(**TokenData().rank_batch(0, rank, world)).loss),
+        }
+        (self.root / f"fresh{rank}.json").write_text(json.dumps(record))
 
 
 class CheckpointedLayers(MoECausalLMModule):
@@ -507,6 +549,47 @@ def test_dcp_checkpoint_resumes_at_another_ep_size(dp2_run, tmp_path):
     _check_against_reference((4,) * STEPS, records, module.state_dict(), first_step=3)
 
 
+@needs_divide_factor
+def test_meta_built_model_is_initialised_and_resumes_at_the_same_layout(dp2_run, tmp_path):
+    """The step-3 checkpoint of the 4-process run, resumed at the same layout (EP 2 x expert-dp 2)
+    by a model built on the meta device. After setup every parameter is a DTensor shard on the
+    CPU, finite, of the global shape of the model (experts: this EP rank's E/ep) cut by
+    torch.chunk over its mesh, initialised as HF's own init does (each shard has the mean and
+    std of the parameter initialised in one process); the ranks drew different values (each its
+    own stream) and the initialised model's loss is finite and near ln(vocab). The checkpoint
+    then replaces every value: steps 4 and 5 match single-process training."""
+    import math
+
+    world, ep = 4, 2
+    records = _fit(world, module := BuiltOnMeta(), tmp_path, callbacks=[FreshShards(tmp_path)],
+                   ckpt_path=dp2_run[0] / "step3.ckpt")  # fmt: skip
+    _check_against_reference((4,) * STEPS, records, module.state_dict(), first_step=3)
+    full = {f"model.{k}": v for k, v in tiny_model(FAMILY).named_parameters()}
+    fresh = [json.loads((tmp_path / f"fresh{r}.json").read_text()) for r in range(world)]
+    for rank, record in enumerate(fresh):
+        assert record["bad"] == [], (rank, record["bad"][:5])
+        assert set(record["shapes"]) == set(full)
+        for key, (global_shape, local_shape) in record["shapes"].items():
+            expert = ".mlp.experts." in key
+            expected = [full[key].shape[0] // ep if expert else full[key].shape[0], *full[key].shape[1:]]
+            parts, index = (world // ep, rank // ep) if expert else (world, rank)
+            rows = torch.arange(expected[0]).chunk(parts)
+            assert global_shape == expected and local_shape == [len(rows[index]) if index < len(rows) else 0,
+                                                                *expected[1:]], (rank, key)  # fmt: skip
+        # Initialised as HF's `_init_weights` does (as in one process): N(0, initializer_range)
+        # weights, zero biases, unit norms: each shard of n >= 64 values has the distribution's mean
+        # and std (those of the whole, within 5 standard errors: sigma / sqrt(n), sigma / sqrt(2n)).
+        for key, (mean, std, n) in record["moments"].items():
+            whole = full[key].detach()
+            sigma, mu = float(whole.std()), 0.0 if whole.std() > 0 else float(whole.mean())
+            assert abs(std - sigma) <= 5 * sigma / math.sqrt(2 * n) + 1e-6, (rank, key, std, sigma)
+            assert abs(mean - mu) <= 5 * sigma / math.sqrt(n) + 1e-6, (rank, key, mean, mu)
+        assert math.isfinite(record["loss"]) and record["loss"] < math.log(VOCAB) + 2, (rank, record["loss"])
+    for key in ("model.model.embed_tokens.weight", "model.model.layers.0.mlp.experts.gate_up_proj"):
+        values = [tuple(record["values"][key]) for record in fresh]
+        assert len(set(values)) == world, (key, values)  # no two ranks drew the same shard
+
+
 def test_dcp_save_interrupted_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """One process (no process group: DCP and the barriers run locally): a save that dies after
     some shards are written leaves only a temporary directory; `path` still holds the previous
@@ -652,6 +735,48 @@ def test_unshardable_models_are_refused_by_name():
         check_shardable(lazy, {})
     owners = check_shardable(_only_experts(), {"moe.w_EHD": 4})
     assert list(owners) == ["moe"]
+
+
+def test_materialize_initialises_a_meta_model_or_names_what_it_cannot():
+    """No process group (one rank, stream = seed): torch layers get `reset_parameters()`, so the
+    result equals the same modules built on the CPU under that seed; a Hugging Face model gets
+    its `init_weights()` (RoPE tables included); the global RNG is left as it was; a parameter
+    no initialisation writes is an error naming it."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from lightning_mpipemoe.fsdp import materialize
+
+    with torch.device("meta"):
+        lazy = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    state = torch.get_rng_state()
+    materialize(lazy, torch.device("cpu"), seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(5)
+    expected = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    for (name, got), (_, want) in zip(lazy.state_dict().items(), expected.state_dict().items()):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(tiny_config(FAMILY))
+    materialize(hf, torch.device("cpu"))
+    built = tiny_model(FAMILY)
+    for (name, buffer), (_, want) in zip(hf.named_buffers(), built.named_buffers()):
+        torch.testing.assert_close(buffer, want, atol=0, rtol=0, msg=name)  # RoPE tables rebuilt
+    with torch.no_grad():
+        for name, param in hf.named_parameters():  # HF's distribution: std within 5 standard errors
+            sigma, n = float(dict(built.named_parameters())[name].std()), param.numel()
+            assert n < 64 or abs(float(param.std()) - sigma) <= 5 * sigma / math.sqrt(2 * n) + 1e-6, name
+
+    class Raw(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(2))
+
+    with torch.device("meta"):
+        raw = torch.nn.Sequential(torch.nn.Linear(2, 2), Raw())
+    with pytest.raises(ValueError, match=r"initialisation left 1 tensors unset \(e.g. \['1.scale'\]\)"):
+        materialize(raw, torch.device("cpu"))
 
 
 def _only_experts() -> torch.nn.Module:
