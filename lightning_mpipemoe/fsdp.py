@@ -235,7 +235,14 @@ def materialize(module: nn.Module, device: torch.device, seed: int | None = None
     weight, and the experts of different EP ranks, are independent draws), and a run is
     reproducible for one seed and one layout; but the values are not those of the same model
     initialised in one process with the same seed, nor of another layout. A checkpoint loaded
-    afterwards (`ckpt_path=`, `load_fsdp`) replaces them all."""
+    afterwards (`ckpt_path=`, `load_fsdp`) replaces them all.
+
+    That is what holds on CPU meshes (tested). On CUDA, DTensor's offset-based RNG tracker
+    (state synchronised from rank 0, an offset per shard of the parameter's own mesh) draws the
+    random ops on DTensors instead: dense shards then follow one stream, but an expert
+    parameter is a DTensor over expert_dp only, so the expert shards of different EP ranks may
+    start equal. Not verified on a GPU yet: until it is, start expert-parallel GPU runs from a
+    checkpoint rather than from a meta-device init."""
     from torch.distributed.tensor import DTensor
 
     module.to_empty(device=device)
