@@ -181,6 +181,13 @@ def check_shardable(module: nn.Module, expert_keys: Iterable[str]) -> dict[str, 
             f"sharding='fsdp': {type(module).__name__} holds parameters directly "
             f"({[n for n, _ in module.named_parameters(recurse=False)][:5]}); keep them in a submodule (e.g. self.model)"
         )
+    lora = [n for n, m in module.named_modules() if type(m).__name__ == "ParamWrapper" and "peft" in type(m).__module__]
+    if lora:
+        raise ValueError(
+            f"sharding='fsdp' does not shard LoRA on routed experts (peft's target_parameters, e.g. {lora[:2]}): peft's "
+            "ParamWrapper reads the expert weights outside FSDP's unshard; use LoRA on attention (recipe: "
+            "peft.targets=attention) or sharding='ddp'"
+        )
     meta = [n for n, p in module.named_parameters() if p.is_meta]
     if meta and len(meta) < sum(1 for _ in module.parameters()):
         raise ValueError(
