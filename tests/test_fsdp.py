@@ -709,6 +709,87 @@ def test_dcp_save_with_a_killed_rank_keeps_the_previous_checkpoint(tmp_path):
         torch.testing.assert_close(module.state_dict()[key], value, atol=0, rtol=0, msg=key)
 
 
+def _tied_worker(rank: int, world: int, root: Path) -> None:
+    """Load the tied-embedding checkpoint into FSDP shards (EP 2), one backward of this rank's
+    batch (gradients saved whole), an SGD step, a DCP save loaded back into a fresh copy of the
+    source, and an export."""
+    import types
+
+    import torch.distributed as dist
+
+    from lightning_mpipemoe import dcp_checkpoint
+    from lightning_mpipemoe.fsdp import layout_of
+    from lightning_mpipemoe.groups import build_process_groups
+    from lightning_mpipemoe.hf_models.api import export_pretrained, sharded_expert_keys
+    from lightning_mpipemoe.hf_models.fsdp_load import load_fsdp
+
+    groups = build_process_groups(2, timeout=TIMEOUT)
+    model = load_fsdp(root / "src", groups)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied as from_pretrained ties them
+    batch = TokenData().rank_batch(0, rank, world)
+    model(**batch).loss.backward()
+    grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}  # experts: this EP rank's
+    torch.save(grads, root / f"grads{rank}.pt")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    optimizer.step()
+
+    def broadcast(obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def strategy_for(module):
+        keys = sharded_expert_keys(module)
+        return types.SimpleNamespace(
+            lightning_module=module, optimizers=[], _expert_keys=keys, _fsdp=layout_of(module, keys, groups, "cpu"),
+            _checkpoint_group=None, is_global_zero=rank == 0, broadcast=broadcast, _executor_state=dict,
+        )  # fmt: skip
+
+    dcp_checkpoint.save(strategy_for(model), {"global_step": 1}, root / "step1.ckpt")
+    fresh = load_fsdp(root / "src", groups)
+    dcp_checkpoint.load(strategy_for(fresh), root / "step1.ckpt")
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    for (key, got), (_, want) in zip(fresh.state_dict().items(), model.state_dict().items()):
+        torch.testing.assert_close(local_tensor(got), local_tensor(want), atol=0, rtol=0, msg=key)
+    export_pretrained(model, root / "hf", groups)
+
+
+@needs_divide_factor
+def test_tied_embeddings_load_train_checkpoint_and_export(tmp_path):
+    """`tie_word_embeddings=True` (lm_head is the embedding) under FSDP at 2 processes, EP 2:
+    loaded into shards still tied; the tied weight's gradient (both uses) and every other one
+    equal single-process backward of the mean of the ranks' losses; a DCP checkpoint loads back
+    exactly and tied; the export stores the weight once and plain transformers ties it again,
+    giving the logits of the single-process model after the same SGD step."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.dist_utils import run_distributed
+
+    model = tiny_model(FAMILY, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "src")
+    run_distributed(_tied_worker, 2, tmp_path, timeout_s=120)
+    data = TokenData()
+    (sum(model(**data.rank_batch(0, r, 2)).loss for r in range(2)) / 2).backward()
+    per_ep = 8 // 2
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        assert set(grads) == {k for k, _ in model.named_parameters()}, sorted(grads)
+        for key, param in model.named_parameters():
+            want = param.grad[rank * per_ep : (rank + 1) * per_ep] if ".mlp.experts." in key else param.grad
+            torch.testing.assert_close(grads[key], want, atol=TOL, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+    with torch.no_grad():
+        for param in model.parameters():
+            param -= 0.5 * param.grad
+    weight_map = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.embed_tokens.weight" in weight_map and "lm_head.weight" not in weight_map
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert exported.lm_head.weight is exported.model.embed_tokens.weight
+    ids = data.ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=TOL, rtol=0)
+
+
 def test_unshardable_models_are_refused_by_name():
     """Raised in setup before any collective: what FSDP over two meshes cannot shard."""
     from lightning_mpipemoe.fsdp import check_shardable
@@ -735,6 +816,12 @@ def test_unshardable_models_are_refused_by_name():
         check_shardable(lazy, {})
     owners = check_shardable(_only_experts(), {"moe.w_EHD": 4})
     assert list(owners) == ["moe"]
+    from lightning_mpipemoe.hf_models.peft_lora import apply_peft
+
+    lora = torch.nn.Module()
+    lora.model = apply_peft(tiny_model(FAMILY), {"method": "lora", "targets": "experts", "r": 2, "alpha": 4})
+    with pytest.raises(ValueError, match=r"sharding='fsdp' does not shard LoRA on routed experts \(peft's"):
+        check_shardable(lora, {})
 
 
 def test_materialize_initialises_a_meta_model_or_names_what_it_cannot():
