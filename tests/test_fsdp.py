@@ -439,7 +439,8 @@ def _status_bytes(field: str) -> int:
 
 def _export_memory_worker(rank: int, world: int, out_dir: Path, results: Path) -> None:
     """Convert (EP 2) and `fully_shard` the big model (no Lightning), then export it, measuring this
-    rank's peak RSS during the export alone (VmHWM reset just before, `/proc/self/clear_refs`)."""
+    rank's peak RSS during the export alone (VmHWM reset just before, `/proc/self/clear_refs`);
+    then the tied-embedding phase (`_tied_phase`), to spare the suite a launch."""
     import ctypes
     import gc
 
@@ -488,19 +489,33 @@ def _export_memory_worker(rank: int, world: int, out_dir: Path, results: Path) -
               "experts": experts, "load_before": load_before, "load_peak": load_peak,
               "bytes_read": report.bytes_read, "checkpoint_bytes": report.checkpoint_bytes}  # fmt: skip
     (results / f"rank{rank}.json").write_text(json.dumps(record))
+    del model, loaded, mine, theirs
+    _tied_phase(rank, world, groups, results / "tied")  # a second phase of the same launch
+
+
+@pytest.fixture(scope="module")
+def export_memory_run(tmp_path_factory):
+    """One 4-process launch (EP 2 x expert-dp 2, no Lightning): the big model's export and load
+    (memory), then the tied-embedding phase (`_tied_phase`) on a checkpoint written here."""
+    from tests.dist_utils import run_distributed
+
+    root = tmp_path_factory.mktemp("fsdp_export_memory")
+    tied = tiny_model(FAMILY, tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    tied.save_pretrained(root / "tied" / "src")
+    run_distributed(_export_memory_worker, 4, root / "hf", root, timeout_s=300)
+    return root, tied
 
 
 @needs_divide_factor
-def test_fsdp_export_and_load_memory_stay_within_own_shard_and_one_tensor(tmp_path):
+def test_fsdp_export_and_load_memory_stay_within_own_shard_and_one_tensor(export_memory_run):
     """4 processes (EP 2 x expert-dp 2), experts 4x a rank's share: during the export each rank's
     peak RSS grows by at most its largest local parameter (converted whole), the largest tensor of
     the files (gathered or converted) and a fixed overhead, far below the experts' full size:
     no rank gathers the model. Loading the export back (`load_fsdp`) gives every rank the same
     shards (and buffers) as the model that was exported, reading only its own slices, its RSS
     growing by its new shards plus the same per-tensor bound."""
-    from tests.dist_utils import run_distributed
-
-    run_distributed(_export_memory_worker, 4, tmp_path / "hf", tmp_path, timeout_s=300)
+    tmp_path = export_memory_run[0]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     for rank, r in enumerate(records):
         bound = r["largest_local"] + r["largest"] + EXPORT_OVERHEAD
@@ -709,21 +724,19 @@ def test_dcp_save_with_a_killed_rank_keeps_the_previous_checkpoint(tmp_path):
         torch.testing.assert_close(module.state_dict()[key], value, atol=0, rtol=0, msg=key)
 
 
-def _tied_worker(rank: int, world: int, root: Path) -> None:
-    """Load the tied-embedding checkpoint into FSDP shards (EP 2), one backward of this rank's
-    batch (gradients saved whole), an SGD step, a DCP save loaded back into a fresh copy of the
-    source, and an export."""
+def _tied_phase(rank: int, world: int, groups, root: Path) -> None:
+    """Load the tied-embedding checkpoint `root/src` into FSDP shards, one backward of this
+    rank's batch (gradients saved whole over their mesh), an SGD step, a DCP save loaded back
+    into a fresh copy of the source, and an export."""
     import types
 
     import torch.distributed as dist
 
     from lightning_mpipemoe import dcp_checkpoint
     from lightning_mpipemoe.fsdp import layout_of
-    from lightning_mpipemoe.groups import build_process_groups
     from lightning_mpipemoe.hf_models.api import export_pretrained, sharded_expert_keys
     from lightning_mpipemoe.hf_models.fsdp_load import load_fsdp
 
-    groups = build_process_groups(2, timeout=TIMEOUT)
     model = load_fsdp(root / "src", groups)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied as from_pretrained ties them
     batch = TokenData().rank_batch(0, rank, world)
@@ -755,28 +768,27 @@ def _tied_worker(rank: int, world: int, root: Path) -> None:
 
 
 @needs_divide_factor
-def test_tied_embeddings_load_train_checkpoint_and_export(tmp_path):
-    """`tie_word_embeddings=True` (lm_head is the embedding) under FSDP at 2 processes, EP 2:
-    loaded into shards still tied; the tied weight's gradient (both uses) and every other one
-    equal single-process backward of the mean of the ranks' losses; a DCP checkpoint loads back
-    exactly and tied; the export stores the weight once and plain transformers ties it again,
-    giving the logits of the single-process model after the same SGD step."""
+def test_tied_embeddings_load_train_checkpoint_and_export(export_memory_run):
+    """`tie_word_embeddings=True` (lm_head is the embedding) under FSDP at 4 processes, EP 2 x
+    expert-dp 2 (a phase of the export-memory launch): loaded into shards still tied; the tied
+    weight's gradient (both uses) and every other one equal single-process backward of the mean
+    of the ranks' losses; a DCP checkpoint loads back exactly and tied; the export stores the
+    weight once and plain transformers ties it again, giving the logits of the single-process
+    model after the same SGD step."""
     from transformers import AutoModelForCausalLM
 
-    from tests.dist_utils import run_distributed
-
-    model = tiny_model(FAMILY, tie_word_embeddings=True)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    model.save_pretrained(tmp_path / "src")
-    run_distributed(_tied_worker, 2, tmp_path, timeout_s=120)
+    root, model = export_memory_run
+    tmp_path, world, ep = root / "tied", 4, 2
     data = TokenData()
-    (sum(model(**data.rank_batch(0, r, 2)).loss for r in range(2)) / 2).backward()
-    per_ep = 8 // 2
-    for rank in range(2):
+    (sum(model(**data.rank_batch(0, r, world)).loss for r in range(world)) / world).backward()
+    per_ep = 8 // ep
+    for rank in range(world):
         grads = torch.load(tmp_path / f"grads{rank}.pt")
         assert set(grads) == {k for k, _ in model.named_parameters()}, sorted(grads)
+        ep_rank = rank % ep  # groups.py: rank = expert_dp_rank * ep + ep_rank
         for key, param in model.named_parameters():
-            want = param.grad[rank * per_ep : (rank + 1) * per_ep] if ".mlp.experts." in key else param.grad
+            expert = ".mlp.experts." in key
+            want = param.grad[ep_rank * per_ep : (ep_rank + 1) * per_ep] if expert else param.grad
             torch.testing.assert_close(grads[key], want, atol=TOL, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
     with torch.no_grad():
         for param in model.parameters():
