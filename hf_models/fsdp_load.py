@@ -83,7 +83,7 @@ def load_fsdp(
     convert_model(model, groups, config, track_stats=False)
     adapter = getattr(model, ADAPTER_ATTR)
     sharded = adapter.sharded_keys(model)
-    shard_model(model, sharded, groups, device.type, mp_policy, allow_meta=True)
+    shard_model(model, sharded, groups, device.type, mp_policy)
     model.to_empty(device=device)
     targets = model.state_dict(keep_vars=True)
     index = _checkpoint_index(model_dir)

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lightning_mpipemoe import collectives
 from lightning_mpipemoe.discovery import pack_experts, unpack_experts
@@ -146,7 +147,9 @@ def _sharded_lora(peft_model: nn.Module) -> dict[str, tuple[int, str]]:
 
 def lora_state_dict(peft_model: nn.Module, groups: MoEProcessGroups | None = None) -> dict[str, torch.Tensor] | None:
     """Collective over `groups.ep`: every LoRA weight of `peft_model` with all experts, in
-    peft's layout, on the CPU of EP rank 0 (None on the other EP ranks).
+    peft's layout, on the CPU of EP rank 0 (None on the other EP ranks). Under
+    `sharding="fsdp"` (LoRA weights are DTensors) also collective over the world: each one is
+    gathered whole, one at a time.
 
     Sharded weights travel one at a time (a gather over the EP group on the tensor's own
     device) and move to the CPU as they arrive, so rank 0 never holds more than one full
@@ -160,8 +163,11 @@ def lora_state_dict(peft_model: nn.Module, groups: MoEProcessGroups | None = Non
         if "lora_" not in name:
             continue
         if name not in sharded:
+            value = param.detach()
+            if isinstance(value, DTensor):  # sharding="fsdp": gathered over its mesh (every rank takes part)
+                value = value.full_tensor()
             if mine:
-                out[name] = param.detach().to("cpu", copy=True)
+                out[name] = value.to("cpu", copy=True)
             continue
         num_experts, layout = sharded[name]
         shard = param.detach().contiguous()

@@ -10,9 +10,18 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["commit_directory", "fsync_files", "new_token", "remove_stale", "temporary_directory"]
+__all__ = [
+    "commit_directory",
+    "fsync_files",
+    "new_token",
+    "prepare_temporary_directory",
+    "remove_stale",
+    "temporary_directory",
+]
 
 
 def new_token() -> str:
@@ -21,6 +30,23 @@ def new_token() -> str:
 
 def temporary_directory(path: Path, token: str) -> Path:
     return path.parent / f".{path.name}.tmp-{token}"
+
+
+def prepare_temporary_directory(
+    path: str | os.PathLike, broadcast: Callable[[Any], Any], is_global_zero: bool, barrier: Callable[[], None]
+) -> tuple[Path, Path, str]:
+    """Collective (the start of a multi-rank save): every rank takes global rank 0's path and a
+    fresh token (`broadcast`), rank 0 removes the leftovers of interrupted saves and creates the
+    temporary directory, and `barrier` holds the others until it exists. Returns
+    `(path, temporary directory, token)`; `commit_directory(tmp, path, token)` ends the save."""
+    path_str, token = broadcast((str(path), new_token()))
+    path = Path(path_str)
+    tmp = temporary_directory(path, token)
+    if is_global_zero:
+        remove_stale(path)
+        tmp.mkdir(parents=True)
+    barrier()
+    return path, tmp, token
 
 
 def remove_stale(path: Path, keep: Path | None = None) -> None:

@@ -30,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Shard
 
-from lightning_mpipemoe.atomic_dir import commit_directory, new_token, remove_stale, temporary_directory
+from lightning_mpipemoe.atomic_dir import commit_directory, prepare_temporary_directory
 from lightning_mpipemoe.checkpointing import SECTION, checkpoint_barrier
 
 __all__ = ["META_FILE", "load", "save"]
@@ -93,13 +93,9 @@ def save(strategy: Any, checkpoint: dict[str, Any], path: Path) -> None:
     """Collective: every rank writes its shards of model and optimizer state (DCP), rank 0
     the rest of Lightning's checkpoint; all into a temporary directory renamed on success."""
     group = strategy._checkpoint_group
-    path_str, token = strategy.broadcast((str(path), new_token()))
-    path = Path(path_str)
-    tmp = temporary_directory(path, token)
-    if strategy.is_global_zero:
-        remove_stale(path)
-        tmp.mkdir(parents=True)
-    checkpoint_barrier(group, "dcp_checkpoint.save.mkdir")
+    path, tmp, token = prepare_temporary_directory(
+        path, strategy.broadcast, strategy.is_global_zero, lambda: checkpoint_barrier(group, "dcp_checkpoint.save.mkdir")
+    )
     _, _, described = _states(strategy)
     dcp.save(described, checkpoint_id=tmp, process_group=group)
     if strategy.is_global_zero:

@@ -65,7 +65,10 @@ __all__ = [
     "check_shardable",
     "clip_grad_norm_",
     "full_state_dict",
+    "is_sharded",
+    "layout_of",
     "local_tensor",
+    "materialize",
     "mixed_precision_policy",
     "shard_model",
     "warn_bf16_true",
@@ -169,22 +172,133 @@ def _owners(module: nn.Module, expert_keys: Iterable[str]) -> dict[str, nn.Modul
     return owners
 
 
-def check_shardable(module: nn.Module, expert_keys: Iterable[str], allow_meta: bool = False) -> dict[str, nn.Module]:
+def check_shardable(module: nn.Module, expert_keys: Iterable[str]) -> dict[str, nn.Module]:
     """Raise a ValueError for what `shard_model` cannot shard (call before any collective);
-    returns the modules that own expert parameters. `allow_meta`: meta-device parameters are
-    fine (the caller materialises the shards, e.g. `hf_models.fsdp_load.load_fsdp`)."""
+    returns the modules that own expert parameters. Meta-device parameters are fine: the
+    caller materialises the shards after sharding (`materialize`, `hf_models.fsdp_load`)."""
     if any(True for _ in module.parameters(recurse=False)):
         raise ValueError(
             f"sharding='fsdp': {type(module).__name__} holds parameters directly "
             f"({[n for n, _ in module.named_parameters(recurse=False)][:5]}); keep them in a submodule (e.g. self.model)"
         )
-    meta = [] if allow_meta else [n for n, p in module.named_parameters() if p.is_meta]
-    if meta:
+    lora = [n for n, m in module.named_modules() if type(m).__name__ == "ParamWrapper" and "peft" in type(m).__module__]
+    if lora:
         raise ValueError(
-            f"sharding='fsdp' does not materialise meta-device parameters yet (e.g. {meta[:3]}); build the model "
-            "on the CPU or the device in configure_model"
+            f"sharding='fsdp' does not shard LoRA on routed experts (peft's target_parameters, e.g. {lora[:2]}): peft's "
+            "ParamWrapper reads the expert weights outside FSDP's unshard; use LoRA on attention (recipe: "
+            "peft.targets=attention) or sharding='ddp'"
+        )
+    meta = [n for n, p in module.named_parameters() if p.is_meta]
+    if meta and len(meta) < sum(1 for _ in module.parameters()):
+        raise ValueError(
+            f"sharding='fsdp': the model is partly on the meta device ({meta[:3]}, ...) and partly not; build it "
+            "all on the meta device (materialised and initialised after sharding) or all on a real device"
+        )
+    placed = [n for n, p in module.named_parameters() if isinstance(p, _dtensor())]
+    if placed:
+        raise ValueError(
+            f"sharding='fsdp': the model is partly sharded already ({placed[:3]} are DTensors, other parameters are "
+            "not); shard it whole (`hf_models.fsdp_load.load_fsdp`) or not at all"
         )
     return _owners(module, set(expert_keys))
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether `module`'s parameters are FSDP's DTensors already (e.g. loaded by `load_fsdp`)."""
+    return any(isinstance(p, _dtensor()) for p in module.parameters())
+
+
+def layout_of(
+    module: nn.Module, expert_keys: Iterable[str], groups: MoEProcessGroups, device_type: str
+) -> FSDPLayout:
+    """The `FSDPLayout` of a module `shard_model` sharded before (`hf_models.fsdp_load.load_fsdp`
+    in `configure_model`): its FSDP modules, over meshes on the same groups."""
+    FSDPModule, _, _ = _fsdp()
+    plain = [n for n, p in module.named_parameters() if not isinstance(p, _dtensor())]
+    if plain:
+        raise ValueError(
+            f"sharding='fsdp': the model is partly sharded already (e.g. {plain[:3]} are not DTensors); shard it "
+            "whole (`hf_models.fsdp_load.load_fsdp`) or not at all"
+        )
+    layout = FSDPLayout(*build_meshes(groups, device_type), groups)
+    layout.modules = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    layout.expert_modules = list(_owners(module, set(expert_keys)).values())
+    return layout
+
+
+def materialize(module: nn.Module, device: torch.device, seed: int | None = None) -> list[str]:
+    """Allocate the local shards of a module built on the meta device (after `shard_model`) and
+    initialise them with the model's own initialisation; returns the initialised names.
+
+    Initialisation: a Hugging Face model (each outermost `PreTrainedModel`) runs `init_weights()`
+    (`_init_weights` on every module, RoPE tables, tied weights, as `from_config` does); any
+    other module with `reset_parameters()` (torch's layers) runs it. Every floating-point tensor
+    is set to NaN first and checked afterwards: one that no initialisation wrote is an error
+    naming it, not garbage memory trained on.
+
+    Random numbers: each rank draws its own shards from its own stream, `seed` (default:
+    torch's current initial seed) + 1_000_003 x global rank, in `torch.random.fork_rng` (the
+    global stream is left as it was). So no two ranks draw the same values (the shards of one
+    weight, and the experts of different EP ranks, are independent draws), and a run is
+    reproducible for one seed and one layout; but the values are not those of the same model
+    initialised in one process with the same seed, nor of another layout. A checkpoint loaded
+    afterwards (`ckpt_path=`, `load_fsdp`) replaces them all.
+
+    That is what holds on CPU meshes (tested). On CUDA, DTensor's offset-based RNG tracker
+    (state synchronised from rank 0, an offset per shard of the parameter's own mesh) draws the
+    random ops on DTensors instead: dense shards then follow one stream, but an expert
+    parameter is a DTensor over expert_dp only, so the expert shards of different EP ranks may
+    start equal. Not verified on a GPU yet: until it is, start expert-parallel GPU runs from a
+    checkpoint rather than from a meta-device init."""
+    from torch.distributed.tensor import DTensor
+
+    module.to_empty(device=device)
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    with torch.no_grad():
+        for value in tensors.values():
+            local = value.to_local() if isinstance(value, DTensor) else value
+            if local.is_floating_point():
+                local.fill_(float("nan"))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    seed = torch.initial_seed() if seed is None else seed
+    devices = [device] if device.type not in ("cpu", "meta") else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed((seed + 1_000_003 * rank) % 2**63)
+        _initialize(module)
+    missed = []
+    for name, value in tensors.items():
+        local = value.to_local() if isinstance(value, DTensor) else value
+        if local.is_floating_point() and local.numel() and bool(torch.isnan(local).any()):
+            missed.append(name)
+    if missed:
+        raise ValueError(
+            f"sharding='fsdp': the meta-device model's own initialisation left {len(missed)} tensors unset "
+            f"(e.g. {missed[:5]}); give their modules a reset_parameters() (or _init_weights for a Hugging Face model)"
+            ", or load the weights (hf_models.fsdp_load.load_fsdp, ckpt_path=)"
+        )
+    return sorted(tensors)
+
+
+def _initialize(module: nn.Module) -> None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        PreTrainedModel = ()
+
+    def visit(sub: nn.Module) -> None:
+        if isinstance(sub, PreTrainedModel):
+            for inner in sub.modules():
+                inner._is_hf_initialized = False  # a meta build flags them as done
+            sub.init_weights()
+            return
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        for child in sub.children():
+            visit(child)
+
+    with torch.no_grad():
+        visit(module)
 
 
 def shard_model(
@@ -193,12 +307,12 @@ def shard_model(
     groups: MoEProcessGroups,
     device_type: str,
     mp_policy: Any = None,
-    allow_meta: bool = False,
 ) -> FSDPLayout:
     """`fully_shard` the (EP-sharded) `module` in place: experts over `expert_dp`, the rest over
-    the world (see the module docstring for the order and the divide factor)."""
+    the world (see the module docstring for the order and the divide factor). Meta-device
+    parameters stay on the meta device (`materialize` allocates and initialises the shards)."""
     _, _, fully_shard = _fsdp()
-    owners = check_shardable(module, expert_keys, allow_meta)
+    owners = check_shardable(module, expert_keys)
     dense_mesh, expert_mesh = build_meshes(groups, device_type)
     layout = FSDPLayout(dense_mesh, expert_mesh, groups)
     kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
@@ -324,13 +438,19 @@ def setup_strategy(strategy: Any, trainer: Any) -> FSDPLayout:
     strategy.accelerator.setup(trainer)
     module = strategy.model
     strategy.precision_plugin.convert_module(module)
-    strategy.model_to_device()
+    meta = any(p.is_meta for p in module.parameters())
+    if not meta:  # a meta-device model gets its shards on the device in `materialize`
+        strategy.model_to_device()
     groups = strategy.moe_groups
     layout = getattr(strategy, "_fsdp", None)
-    if layout is None or not any(isinstance(p, _dtensor()) for p in module.parameters()):
-        # Not sharded yet (a second setup, e.g. fit after validate, keeps the shards it has).
+    if is_sharded(module):
+        # Sharded already: a second setup (fit after validate) keeps its shards; a model loaded
+        # into shards in configure_model (`load_fsdp`, every rank reading the same files) too.
+        if layout is None:
+            layout = layout_of(module, strategy._expert_keys, groups, strategy.root_device.type)
+    else:
         check_shardable(module, strategy._expert_keys)  # before the broadcasts
-        sync_dense_state(module, strategy._expert_keys, groups)
+        sync_dense_state(module, strategy._expert_keys, groups)  # meta tensors: nothing to send
         layout = shard_model(
             module,
             strategy._expert_keys,
@@ -338,6 +458,8 @@ def setup_strategy(strategy: Any, trainer: Any) -> FSDPLayout:
             strategy.root_device.type,
             mixed_precision_policy(strategy.precision_plugin),
         )
+        if meta:  # built on the meta device: allocate the shards, then the model's own init
+            materialize(module, strategy.root_device)
     fitting = trainer.state.fn == TrainerFn.FITTING
     if fitting:
         strategy.setup_optimizers(trainer)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
@@ -139,9 +140,42 @@ def load_trained_weights(module: pl.LightningModule, state_dict: dict[str, Tenso
                 f"{type(module).__name__}.configure_model() failed in the main process ({type(exc).__name__}: {exc}); "
                 "the trained weights stay in the workers' checkpoints only"
             )
-    unexpected = module.load_state_dict(state_dict, strict=False).unexpected_keys
+    # A model built on the meta device (sharding="fsdp" materialises it in the workers only) takes
+    # the consolidated tensors themselves: a copy into a meta tensor would drop them silently.
+    meta = any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+    unexpected = module.load_state_dict(state_dict, strict=False, assign=meta).unexpected_keys
     if unexpected:
         rank_zero_warn(
             f"the main process's {type(module).__name__} has no place for {len(unexpected)} trained weights of the "
             f"workers (e.g. {unexpected[:3]}); they are not loaded"
         )
+    if meta:
+        _rebuild_meta_buffers(module)
+    still_meta = [k for k, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if still_meta:
+        rank_zero_warn(
+            f"the main process's {type(module).__name__} keeps {len(still_meta)} meta-device tensors the workers do not "
+            f"hand back (e.g. {still_meta[:3]}); rebuild them before using the module here"
+        )
+
+
+@torch.no_grad()
+def _rebuild_meta_buffers(module: nn.Module) -> None:
+    """Non-persistent buffers (not in a state dict, e.g. RoPE tables) of a meta-built model: each
+    module that holds only such buffers (no parameters of its own) is allocated on the CPU and
+    initialised by its Hugging Face model's `_init_weights`, or its own `reset_parameters`."""
+    from transformers import PreTrainedModel
+
+    def visit(sub: nn.Module, owner: PreTrainedModel | None) -> None:
+        owner = sub if isinstance(sub, PreTrainedModel) else owner  # the innermost, as HF's init dispatches
+        own = list(sub.parameters(recurse=False))
+        if not own and any(b.is_meta for b in sub.buffers(recurse=False)):
+            sub.to_empty(device="cpu", recurse=False)
+            if owner is not None:
+                owner._init_weights(sub)
+            elif callable(getattr(sub, "reset_parameters", None)):
+                sub.reset_parameters()
+        for child in sub.children():
+            visit(child, owner)
+
+    visit(module, None)

@@ -128,7 +128,11 @@ class MPipeMoEStrategy(ExpertCheckpointMethods, DDPStrategy):
             (registered as "mpipemoe_spawn").
         sharding: "ddp" (replicated dense part, DDP) or "fsdp" (FSDP2: dense part sharded over
             all ranks, experts over the expert-dp ranks; `fsdp.py`; registered as
-            "mpipemoe_fsdp" and "mpipemoe_fsdp_spawn").
+            "mpipemoe_fsdp" and "mpipemoe_fsdp_spawn"). Under "fsdp" the model may be given
+            with its weights, built in `configure_model`, loaded there into shards
+            (`hf_models.fsdp_load.load_fsdp`), or built there on the meta device: then its
+            shards are allocated after sharding and initialised by the model's own init, each
+            rank from its own random stream (`fsdp.materialize` says what that reproduces).
         **kwargs: DDPStrategy's arguments (`find_unused_parameters`, `static_graph`, comm
             hooks, ...), passed on to `DistributedDataParallel`.
     """
@@ -362,12 +366,14 @@ class MPipeMoEStrategy(ExpertCheckpointMethods, DDPStrategy):
         self._broadcast_expert_shards(module)
 
     def _broadcast_expert_shards(self, module: nn.Module) -> None:
-        """Make the replicas of each expert shard identical (DDP does so for the rest)."""
+        """Make the replicas of each expert shard identical (DDP does so for the rest). Not for a
+        model loaded into FSDP shards (every rank read the same files) or built on the meta
+        device (`fsdp.materialize` initialises it after sharding)."""
         groups = self.moe_groups
-        if groups.expert_dp_size == 1:
+        named = dict(module.named_parameters())
+        if groups.expert_dp_size == 1 or fsdp.is_sharded(module) or any(p.is_meta for p in named.values()):
             return
         src = dist.get_global_rank(groups.expert_dp, 0)
-        named = dict(module.named_parameters())
         with torch.no_grad():
             for key in sorted(self._expert_keys):
                 collectives.broadcast(named[key].data, src, group=groups.expert_dp, site="strategy.expert_shards")

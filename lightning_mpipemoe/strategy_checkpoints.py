@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_mpipemoe import dcp_checkpoint, fsdp
-from lightning_mpipemoe.atomic_dir import commit_directory, new_token, remove_stale, temporary_directory
+from lightning_mpipemoe.atomic_dir import commit_directory, prepare_temporary_directory
 from lightning_mpipemoe.checkpointing import (
     META_FILE,
     SECTION,
@@ -130,13 +130,10 @@ class ExpertCheckpointMethods:
                 "weights only: trainer.lightning_module.state_dict())"
             )
         groups = self.moe_groups
-        path_str, token = self.broadcast((str(filepath), new_token()))
-        path = Path(path_str)
-        tmp = temporary_directory(path, token)
-        if self.is_global_zero:
-            remove_stale(path)
-            tmp.mkdir(parents=True)
-        checkpoint_barrier(self._checkpoint_group, "strategy.save_checkpoint.mkdir")
+        path, tmp, token = prepare_temporary_directory(
+            filepath, self.broadcast, self.is_global_zero,
+            lambda: checkpoint_barrier(self._checkpoint_group, "strategy.save_checkpoint.mkdir"),
+        )  # fmt: skip
         meta, shard = split_checkpoint(
             checkpoint, self._expert_keys, groups.ep_size, self.world_size, self._executor_state()
         )

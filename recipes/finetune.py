@@ -148,6 +148,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ProgressBar
 
+    from lightning_mpipemoe.hf_models.peft_lora import check_peft_spec
     from lightning_mpipemoe.recipes.reporting import RunMonitor
 
     model_dir = _model_dir(cfg)
@@ -165,6 +166,13 @@ def prepare(cfg: DictConfig) -> Prepared:
     top_k = hf_config.get("num_experts_per_tok") or 1
     monitor = RunMonitor(tokens_per_row=2 if module.task == "seq2seq" else 1, top_k=top_k)
     strategy = instantiate(cfg.strategy)
+    peft = check_peft_spec(peft_spec)
+    if getattr(strategy, "_sharding", "ddp") == "fsdp" and peft is not None and peft.get("targets") != "attention":
+        raise RecipeError(
+            f"peft.targets={peft.get('targets')} with strategy.sharding=fsdp: LoRA on the routed experts is not sharded "
+            "by FSDP (peft's ParamWrapper reads the expert weights outside FSDP's unshard); use peft.targets=attention, "
+            "or strategy=mpipemoe (ddp)"
+        )
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -228,6 +236,7 @@ def _summary(prepared: Prepared, before: dict, after: dict, seconds: float, expo
     strategy = trainer.strategy
     groups = strategy.moe_groups
     output_dir = Path(cfg.output_dir)
+    report = getattr(module, "load_report", None)
     checkpoint = next((Path(c.last_model_path) for c in trainer.checkpoint_callbacks if c.last_model_path), None)
     hf = prepared.hf_config
     return {
@@ -255,6 +264,8 @@ def _summary(prepared: Prepared, before: dict, after: dict, seconds: float, expo
         "moe": monitor.moe,
         "export_dir": str(export_dir) if export_dir else None,
         "checkpoint": str(checkpoint) if checkpoint else None,
+        # What global rank 0 read of the model's checkpoint tensors (its slices only).
+        "load": {"bytes_read": report.bytes_read, "checkpoint_bytes": report.checkpoint_bytes} if report else None,
         "log_dir": str(output_dir / "logs"),
         "summary_file": str(output_dir / "summary.json"),
     }

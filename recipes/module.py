@@ -3,8 +3,12 @@ local Hugging Face directory inside `configure_model` and measuring held-out los
 
 Why `configure_model`: under `MPipeMoEStrategy` the process groups exist from there on, so
 each rank reads only its own experts from the checkpoint (`hf_models.load_sharded`); a
-Mixtral-8x7B never exists whole in one process. The strategy then binds the executor with
-its settings (granularity, restore strategy, ...) in `setup`.
+Mixtral-8x7B never exists whole in one process. With `sharding="fsdp"` the model is built on
+the meta device and `fully_shard`ed first, and each rank reads only its dense shard and its
+experts' shard (`hf_models.fsdp_load.load_fsdp`): no rank holds even the full dense part
+(LoRA runs, `peft=lora`, still load the dense part whole and let the strategy shard it). The
+strategy then binds the executor with its settings (granularity, restore strategy, ...) in
+`setup`.
 
 Held-out loss: the summed token cross-entropy and the token count are accumulated over the
 validation batches and summed over all ranks at the end of the epoch, so `val/loss` is the
@@ -24,7 +28,9 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from lightning_mpipemoe.config import ExecutorConfig
-from lightning_mpipemoe.hf_models.api import load_sharded
+from lightning_mpipemoe.fsdp import mixed_precision_policy
+from lightning_mpipemoe.hf_models.api import LoadReport, load_sharded
+from lightning_mpipemoe.hf_models.fsdp_load import load_fsdp
 from lightning_mpipemoe.hf_models.peft_lora import apply_peft, check_peft_spec
 from lightning_mpipemoe.hf_models.lightning_modules import MoECausalLMModule, MoESeq2SeqModule
 
@@ -84,6 +90,7 @@ class _FromCheckpoint:
         self._sums: torch.Tensor | None = None
         self.heldout: dict[str, float] | None = None
         self._hf_config: dict | None = None
+        self.load_report: LoadReport | None = None  # what this rank read from the checkpoint
 
     @override
     def configure_model(self) -> None:
@@ -94,8 +101,21 @@ class _FromCheckpoint:
         dtype = getattr(torch, self.hparams.dtype) if self.hparams.dtype else None
         path = Path(self.hparams.model_path)
         self._hf_config = json.loads((path / "config.json").read_text())
-        self.model = load_sharded(path, groups, ExecutorConfig(), dtype=dtype, device=strategy.root_device)
-        self.model = apply_peft(self.model, self.hparams.get("peft"))
+        peft = check_peft_spec(self.hparams.get("peft"))
+        self.load_report = LoadReport()
+        if groups is not None and getattr(strategy, "_sharding", "ddp") == "fsdp" and peft is None:
+            # Straight into FSDP shards: built on the meta device, each rank reading its dense
+            # rows and its experts from the safetensors files; no rank holds the full model.
+            self.model = load_fsdp(
+                path, groups, ExecutorConfig(), dtype=dtype, device=strategy.root_device,
+                mp_policy=mixed_precision_policy(strategy.precision_plugin), report=self.load_report,
+            )  # fmt: skip
+        else:
+            # (LoRA under fsdp: the adapters are added to the loaded model, which the strategy then shards.)
+            self.model = load_sharded(
+                path, groups, ExecutorConfig(), dtype=dtype, device=strategy.root_device, report=self.load_report
+            )
+            self.model = apply_peft(self.model, self.hparams.get("peft"))
         if self.hparams.gradient_checkpointing:
             # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable.
             enable = getattr(self.model, "activation_checkpointing_enable", None)

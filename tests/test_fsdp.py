@@ -44,7 +44,7 @@ from lightning_mpipemoe.fsdp import (
 from lightning_mpipemoe.hf_models.lightning_modules import MoECausalLMModule
 from lightning_mpipemoe.memory_plan import count_model, meta_model, plan_rank
 from lightning_mpipemoe.strategy import MPipeMoEStrategy
-from tests.hf_tiny import VOCAB, tiny_model
+from tests.hf_tiny import VOCAB, tiny_config, tiny_model
 from tests.strategy_models import SaveAt
 
 TOL = 1e-5
@@ -105,6 +105,48 @@ class BuiltInConfigureModel(MoECausalLMModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = tiny_model(FAMILY)
+
+
+class BuiltOnMeta(MoECausalLMModule):
+    """Built on the meta device in `configure_model` (Hugging Face's `from_config` under
+    `torch.device("meta")`): the strategy shards it, then allocates and initialises the shards
+    (`fsdp.materialize`); in the main process the consolidated weights are assigned."""
+
+    def __init__(self) -> None:
+        super().__init__(None, **hparams())
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(tiny_config(FAMILY))
+
+
+class FreshShards(Callback):
+    """At fit start (after the strategy's setup, before a checkpoint loads): this rank's freshly
+    materialised shards (meta or not finite, global and local shapes, a few values) and the
+    loss of the initialised model on this rank's first batch."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @torch.no_grad()
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from torch.distributed.tensor import DTensor
+
+        named = dict(pl_module.named_parameters())
+        rank, world = trainer.global_rank, trainer.world_size
+        record = {
+            "bad": [k for k, p in named.items() if p.is_meta or not isinstance(p, DTensor)
+                    or not bool(torch.isfinite(p.to_local()).all())],  # fmt: skip
+            "shapes": {k: [list(p.shape), list(p.to_local().shape)] for k, p in named.items()},
+            "values": {k: p.to_local().flatten()[:4].tolist() for k, p in named.items()},
+            "moments": {k: [float(p.to_local().mean()), float(p.to_local().std()), p.to_local().numel()]
+                        for k, p in named.items() if p.to_local().numel() >= 64},  # fmt: skip
+            "loss": float(pl_module.model(**TokenData().rank_batch(0, rank, world)).loss),
+        }
+        (self.root / f"fresh{rank}.json").write_text(json.dumps(record))
 
 
 class CheckpointedLayers(MoECausalLMModule):
@@ -397,7 +439,8 @@ def _status_bytes(field: str) -> int:
 
 def _export_memory_worker(rank: int, world: int, out_dir: Path, results: Path) -> None:
     """Convert (EP 2) and `fully_shard` the big model (no Lightning), then export it, measuring this
-    rank's peak RSS during the export alone (VmHWM reset just before, `/proc/self/clear_refs`)."""
+    rank's peak RSS during the export alone (VmHWM reset just before, `/proc/self/clear_refs`);
+    then the tied-embedding phase (`_tied_phase`), to spare the suite a launch."""
     import ctypes
     import gc
 
@@ -446,19 +489,33 @@ def _export_memory_worker(rank: int, world: int, out_dir: Path, results: Path) -
               "experts": experts, "load_before": load_before, "load_peak": load_peak,
               "bytes_read": report.bytes_read, "checkpoint_bytes": report.checkpoint_bytes}  # fmt: skip
     (results / f"rank{rank}.json").write_text(json.dumps(record))
+    del model, loaded, mine, theirs
+    _tied_phase(rank, world, groups, results / "tied")  # a second phase of the same launch
+
+
+@pytest.fixture(scope="module")
+def export_memory_run(tmp_path_factory):
+    """One 4-process launch (EP 2 x expert-dp 2, no Lightning): the big model's export and load
+    (memory), then the tied-embedding phase (`_tied_phase`) on a checkpoint written here."""
+    from tests.dist_utils import run_distributed
+
+    root = tmp_path_factory.mktemp("fsdp_export_memory")
+    tied = tiny_model(FAMILY, tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    tied.save_pretrained(root / "tied" / "src")
+    run_distributed(_export_memory_worker, 4, root / "hf", root, timeout_s=300)
+    return root, tied
 
 
 @needs_divide_factor
-def test_fsdp_export_and_load_memory_stay_within_own_shard_and_one_tensor(tmp_path):
+def test_fsdp_export_and_load_memory_stay_within_own_shard_and_one_tensor(export_memory_run):
     """4 processes (EP 2 x expert-dp 2), experts 4x a rank's share: during the export each rank's
     peak RSS grows by at most its largest local parameter (converted whole), the largest tensor of
     the files (gathered or converted) and a fixed overhead, far below the experts' full size:
     no rank gathers the model. Loading the export back (`load_fsdp`) gives every rank the same
     shards (and buffers) as the model that was exported, reading only its own slices, its RSS
     growing by its new shards plus the same per-tensor bound."""
-    from tests.dist_utils import run_distributed
-
-    run_distributed(_export_memory_worker, 4, tmp_path / "hf", tmp_path, timeout_s=300)
+    tmp_path = export_memory_run[0]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     for rank, r in enumerate(records):
         bound = r["largest_local"] + r["largest"] + EXPORT_OVERHEAD
@@ -505,6 +562,47 @@ def test_dcp_checkpoint_resumes_at_another_ep_size(dp2_run, tmp_path):
     the global expert tensors anew; steps 4 and 5 match single-process training."""
     records = _fit(4, module := BuiltInConfigureModel(), tmp_path, ep=4, ckpt_path=dp2_run[0] / "step3.ckpt")
     _check_against_reference((4,) * STEPS, records, module.state_dict(), first_step=3)
+
+
+@needs_divide_factor
+def test_meta_built_model_is_initialised_and_resumes_at_the_same_layout(dp2_run, tmp_path):
+    """The step-3 checkpoint of the 4-process run, resumed at the same layout (EP 2 x expert-dp 2)
+    by a model built on the meta device. After setup every parameter is a DTensor shard on the
+    CPU, finite, of the global shape of the model (experts: this EP rank's E/ep) cut by
+    torch.chunk over its mesh, initialised as HF's own init does (each shard has the mean and
+    std of the parameter initialised in one process); the ranks drew different values (each its
+    own stream) and the initialised model's loss is finite and near ln(vocab). The checkpoint
+    then replaces every value: steps 4 and 5 match single-process training."""
+    import math
+
+    world, ep = 4, 2
+    records = _fit(world, module := BuiltOnMeta(), tmp_path, callbacks=[FreshShards(tmp_path)],
+                   ckpt_path=dp2_run[0] / "step3.ckpt")  # fmt: skip
+    _check_against_reference((4,) * STEPS, records, module.state_dict(), first_step=3)
+    full = {f"model.{k}": v for k, v in tiny_model(FAMILY).named_parameters()}
+    fresh = [json.loads((tmp_path / f"fresh{r}.json").read_text()) for r in range(world)]
+    for rank, record in enumerate(fresh):
+        assert record["bad"] == [], (rank, record["bad"][:5])
+        assert set(record["shapes"]) == set(full)
+        for key, (global_shape, local_shape) in record["shapes"].items():
+            expert = ".mlp.experts." in key
+            expected = [full[key].shape[0] // ep if expert else full[key].shape[0], *full[key].shape[1:]]
+            parts, index = (world // ep, rank // ep) if expert else (world, rank)
+            rows = torch.arange(expected[0]).chunk(parts)
+            assert global_shape == expected and local_shape == [len(rows[index]) if index < len(rows) else 0,
+                                                                *expected[1:]], (rank, key)  # fmt: skip
+        # Initialised as HF's `_init_weights` does (as in one process): N(0, initializer_range)
+        # weights, zero biases, unit norms: each shard of n >= 64 values has the distribution's mean
+        # and std (those of the whole, within 5 standard errors: sigma / sqrt(n), sigma / sqrt(2n)).
+        for key, (mean, std, n) in record["moments"].items():
+            whole = full[key].detach()
+            sigma, mu = float(whole.std()), 0.0 if whole.std() > 0 else float(whole.mean())
+            assert abs(std - sigma) <= 5 * sigma / math.sqrt(2 * n) + 1e-6, (rank, key, std, sigma)
+            assert abs(mean - mu) <= 5 * sigma / math.sqrt(n) + 1e-6, (rank, key, mean, mu)
+        assert math.isfinite(record["loss"]) and record["loss"] < math.log(VOCAB) + 2, (rank, record["loss"])
+    for key in ("model.model.embed_tokens.weight", "model.model.layers.0.mlp.experts.gate_up_proj"):
+        values = [tuple(record["values"][key]) for record in fresh]
+        assert len(set(values)) == world, (key, values)  # no two ranks drew the same shard
 
 
 def test_dcp_save_interrupted_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -626,6 +724,84 @@ def test_dcp_save_with_a_killed_rank_keeps_the_previous_checkpoint(tmp_path):
         torch.testing.assert_close(module.state_dict()[key], value, atol=0, rtol=0, msg=key)
 
 
+def _tied_phase(rank: int, world: int, groups, root: Path) -> None:
+    """Load the tied-embedding checkpoint `root/src` into FSDP shards, one backward of this
+    rank's batch (gradients saved whole over their mesh), an SGD step, a DCP save loaded back
+    into a fresh copy of the source, and an export."""
+    import types
+
+    import torch.distributed as dist
+
+    from lightning_mpipemoe import dcp_checkpoint
+    from lightning_mpipemoe.fsdp import layout_of
+    from lightning_mpipemoe.hf_models.api import export_pretrained, sharded_expert_keys
+    from lightning_mpipemoe.hf_models.fsdp_load import load_fsdp
+
+    model = load_fsdp(root / "src", groups)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied as from_pretrained ties them
+    batch = TokenData().rank_batch(0, rank, world)
+    model(**batch).loss.backward()
+    grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}  # experts: this EP rank's
+    torch.save(grads, root / f"grads{rank}.pt")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    optimizer.step()
+
+    def broadcast(obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def strategy_for(module):
+        keys = sharded_expert_keys(module)
+        return types.SimpleNamespace(
+            lightning_module=module, optimizers=[], _expert_keys=keys, _fsdp=layout_of(module, keys, groups, "cpu"),
+            _checkpoint_group=None, is_global_zero=rank == 0, broadcast=broadcast, _executor_state=dict,
+        )  # fmt: skip
+
+    dcp_checkpoint.save(strategy_for(model), {"global_step": 1}, root / "step1.ckpt")
+    fresh = load_fsdp(root / "src", groups)
+    dcp_checkpoint.load(strategy_for(fresh), root / "step1.ckpt")
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    for (key, got), (_, want) in zip(fresh.state_dict().items(), model.state_dict().items()):
+        torch.testing.assert_close(local_tensor(got), local_tensor(want), atol=0, rtol=0, msg=key)
+    export_pretrained(model, root / "hf", groups)
+
+
+@needs_divide_factor
+def test_tied_embeddings_load_train_checkpoint_and_export(export_memory_run):
+    """`tie_word_embeddings=True` (lm_head is the embedding) under FSDP at 4 processes, EP 2 x
+    expert-dp 2 (a phase of the export-memory launch): loaded into shards still tied; the tied
+    weight's gradient (both uses) and every other one equal single-process backward of the mean
+    of the ranks' losses; a DCP checkpoint loads back exactly and tied; the export stores the
+    weight once and plain transformers ties it again, giving the logits of the single-process
+    model after the same SGD step."""
+    from transformers import AutoModelForCausalLM
+
+    root, model = export_memory_run
+    tmp_path, world, ep = root / "tied", 4, 2
+    data = TokenData()
+    (sum(model(**data.rank_batch(0, r, world)).loss for r in range(world)) / world).backward()
+    per_ep = 8 // ep
+    for rank in range(world):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        assert set(grads) == {k for k, _ in model.named_parameters()}, sorted(grads)
+        ep_rank = rank % ep  # groups.py: rank = expert_dp_rank * ep + ep_rank
+        for key, param in model.named_parameters():
+            expert = ".mlp.experts." in key
+            want = param.grad[ep_rank * per_ep : (ep_rank + 1) * per_ep] if expert else param.grad
+            torch.testing.assert_close(grads[key], want, atol=TOL, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+    with torch.no_grad():
+        for param in model.parameters():
+            param -= 0.5 * param.grad
+    weight_map = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.embed_tokens.weight" in weight_map and "lm_head.weight" not in weight_map
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert exported.lm_head.weight is exported.model.embed_tokens.weight
+    ids = data.ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=TOL, rtol=0)
+
+
 def test_unshardable_models_are_refused_by_name():
     """Raised in setup before any collective: what FSDP over two meshes cannot shard."""
     from lightning_mpipemoe.fsdp import check_shardable
@@ -646,10 +822,60 @@ def test_unshardable_models_are_refused_by_name():
     with torch.device("meta"):
         lazy = torch.nn.Module()
         lazy.body = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="does not materialise meta-device parameters yet"):
+    assert check_shardable(lazy, {}) == {}  # all on the meta device: materialised after sharding
+    lazy.head = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"partly on the meta device \(\['body.weight', 'body.bias'\], ...\)"):
         check_shardable(lazy, {})
     owners = check_shardable(_only_experts(), {"moe.w_EHD": 4})
     assert list(owners) == ["moe"]
+    from lightning_mpipemoe.hf_models.peft_lora import apply_peft
+
+    lora = torch.nn.Module()
+    lora.model = apply_peft(tiny_model(FAMILY), {"method": "lora", "targets": "experts", "r": 2, "alpha": 4})
+    with pytest.raises(ValueError, match=r"sharding='fsdp' does not shard LoRA on routed experts \(peft's"):
+        check_shardable(lora, {})
+
+
+def test_materialize_initialises_a_meta_model_or_names_what_it_cannot():
+    """No process group (one rank, stream = seed): torch layers get `reset_parameters()`, so the
+    result equals the same modules built on the CPU under that seed; a Hugging Face model gets
+    its `init_weights()` (RoPE tables included); the global RNG is left as it was; a parameter
+    no initialisation writes is an error naming it."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from lightning_mpipemoe.fsdp import materialize
+
+    with torch.device("meta"):
+        lazy = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    state = torch.get_rng_state()
+    materialize(lazy, torch.device("cpu"), seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(5)
+    expected = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    for (name, got), (_, want) in zip(lazy.state_dict().items(), expected.state_dict().items()):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(tiny_config(FAMILY))
+    materialize(hf, torch.device("cpu"))
+    built = tiny_model(FAMILY)
+    for (name, buffer), (_, want) in zip(hf.named_buffers(), built.named_buffers()):
+        torch.testing.assert_close(buffer, want, atol=0, rtol=0, msg=name)  # RoPE tables rebuilt
+    with torch.no_grad():
+        for name, param in hf.named_parameters():  # HF's distribution: std within 5 standard errors
+            sigma, n = float(dict(built.named_parameters())[name].std()), param.numel()
+            assert n < 64 or abs(float(param.std()) - sigma) <= 5 * sigma / math.sqrt(2 * n) + 1e-6, name
+
+    class Raw(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(2))
+
+    with torch.device("meta"):
+        raw = torch.nn.Sequential(torch.nn.Linear(2, 2), Raw())
+    with pytest.raises(ValueError, match=r"initialisation left 1 tensors unset \(e.g. \['1.scale'\]\)"):
+        materialize(raw, torch.device("cpu"))
 
 
 def _only_experts() -> torch.nn.Module:

@@ -328,6 +328,19 @@ def test_commit_replaces_atomically_and_cleans_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     with pytest.raises(FileNotFoundError, match="expected a directory with meta.ckpt"):
         consolidate_checkpoint(tmp_path / "missing.ckpt")
+    # The start of a multi-rank save: rank 0's path and token for all, stale ones gone, then the barrier.
+    from lightning_mpipemoe.atomic_dir import prepare_temporary_directory
+
+    temporary_directory(path, "crashed").mkdir()
+    calls = []
+
+    def barrier() -> None:  # rank 0 has made the directory by then
+        calls.append(temporary_directory(path, "tok").is_dir())
+
+    for zero in (True, False):
+        got, tmp, token = prepare_temporary_directory("ignored", lambda obj: (str(path), "tok"), zero, barrier)
+        assert (got, tmp, token) == (path, temporary_directory(path, "tok"), "tok")
+    assert calls == [True, True] and sorted(p.name for p in tmp_path.iterdir()) == [".last.ckpt.tmp-tok", "last.ckpt"]
 
 
 # --------------------------------------------------------------------------- distributed runs
