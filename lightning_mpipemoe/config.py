@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = ["AUTO", "DEFAULT_CANDIDATES", "RESTORE_STRATEGIES", "ExecutorConfig", "SimulatedLink", "budget_bytes",
-           "executor_overrides", "for_expert_parallel_size"]
+           "executor_overrides", "for_placement"]
 
 #: How backward gets back what buffer reuse overwrote (DESIGN.md §1.4): `none` keeps a copy
 #: per partition (no reuse); s1 offloads T_DI and T_M; s2 re-communicates T_DI and offloads
@@ -86,7 +86,7 @@ class ExecutorConfig:
             the "auto" choices obey it; None (default) is no limit.
         candidates: the bounded set of n the tuner may pick (distinct positive ints); None
             (default): `DEFAULT_CANDIDATES`, narrowed to n = 1 for a layer the Lightning
-            strategy runs on a one-rank expert-parallel group (`for_expert_parallel_size`).
+            strategy runs where partitions cannot overlap anything (`for_placement`).
 
     An explicit `num_partitions=1, restore="none"` is the plain reference path, exactly as
     before; explicit values are never changed by a tuner. Without a tuner (a caller that
@@ -185,15 +185,19 @@ def budget_bytes(budget: int | float | None, device_memory_bytes: int) -> int | 
     return int(budget)
 
 
-def for_expert_parallel_size(config: ExecutorConfig, ep_size: int) -> ExecutorConfig:
-    """`config` for a layer whose expert-parallel group has `ep_size` ranks.
+def for_placement(config: ExecutorConfig, ep_size: int, device_type: str | None = None) -> ExecutorConfig:
+    """`config` for a layer whose expert-parallel group has `ep_size` ranks on `device_type`.
 
-    One rank has no all-to-all for micro-partitions to overlap, so more of them only add
-    per-partition work, and what a call holds for its backward (what `memory_budget` bounds)
-    does not shrink with n under reuse: "auto" n with the default candidates takes n = 1
-    there, and the tuner profiles nothing (the restore strategy is still chosen for the
-    budget). A candidate set the config names is kept (e.g. to study the tuner on one rank)."""
-    if ep_size == 1 and config.tunes_partitions and config.candidates is None:
+    Micro-partitions pay off only where their all-to-alls overlap expert compute. One rank has
+    no all-to-all; on CPU, gloo moves the bytes with the cores that compute (the overlap the
+    cost model measures there is 0: the costs add, `cost_model`), unless a simulated link
+    stands for a wire the CPU does not drive. There more partitions only add per-partition
+    work, and what a call holds for its backward (what `memory_budget` bounds) does not shrink
+    with n under reuse: "auto" n with the default candidates takes n = 1, and the tuner
+    profiles nothing (the restore strategy is still chosen for a budget). A candidate set the
+    config names is kept (e.g. to study the tuner there)."""
+    no_overlap = ep_size == 1 or (device_type == "cpu" and config.link is None)
+    if no_overlap and config.tunes_partitions and config.candidates is None:
         return replace(config, candidates=(DEFAULT_CANDIDATES[0],))
     return config
 

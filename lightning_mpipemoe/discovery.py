@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from lightning_mpipemoe.config import ExecutorConfig, for_expert_parallel_size
+from lightning_mpipemoe.config import ExecutorConfig, for_placement
 from lightning_mpipemoe.groups import MoEProcessGroups
 from lightning_mpipemoe.moe import MoELayer, RoutingStats
 
@@ -71,9 +71,11 @@ class LayerKind(Protocol):
         """Global expert counts of the unit's layers, for the EP-size check (may be empty when
         the kind checks divisibility itself, before sharding anything)."""
 
-    def shard(self, module: nn.Module, groups: MoEProcessGroups, overrides: dict[str, Any]) -> None:
+    def shard(self, module: nn.Module, groups: MoEProcessGroups, overrides: dict[str, Any],
+              device_type: str | None = None) -> None:
         """Keep this EP rank's experts (the others are freed), bind the executor, apply the
-        config `overrides` (ExecutorConfig field -> value). Sharded before for the same EP
+        config `overrides` (ExecutorConfig field -> value) and `config.for_placement` on
+        `device_type` (the device the layer will run on). Sharded before for the same EP
         layout (an earlier run), it only rebinds."""
 
     def expert_parameters(self, module: nn.Module) -> dict[str, int]:
@@ -116,8 +118,9 @@ def pack_experts(unpacked: torch.Tensor, layout: str) -> torch.Tensor:
     return unpacked.permute(1, 2, 0).reshape(a, b * num_experts)
 
 
-def _with_overrides(config: ExecutorConfig, overrides: dict[str, Any], ep_size: int) -> ExecutorConfig:
-    return for_expert_parallel_size(dataclasses.replace(config, **overrides) if overrides else config, ep_size)
+def _with_overrides(config: ExecutorConfig, overrides: dict[str, Any], ep_size: int,
+                    device_type: str | None) -> ExecutorConfig:
+    return for_placement(dataclasses.replace(config, **overrides) if overrides else config, ep_size, device_type)
 
 
 class MoELayerKind:
@@ -131,7 +134,8 @@ class MoELayerKind:
     def num_experts(self, module: MoELayer) -> list[int]:
         return [module.num_experts]
 
-    def shard(self, module: MoELayer, groups: MoEProcessGroups, overrides: dict[str, Any]) -> None:
+    def shard(self, module: MoELayer, groups: MoEProcessGroups, overrides: dict[str, Any],
+              device_type: str | None = None) -> None:
         held = module.groups
         if module.num_local_experts == module.num_experts and held.ep_size == 1:
             module.shard_experts(groups)
@@ -142,7 +146,7 @@ class MoELayerKind:
                 f"MoELayer is already sharded for EP rank {held.ep_rank}/{held.ep_size}, not for "
                 f"{groups.ep_rank}/{groups.ep_size}; let the strategy shard it (do not call shard_experts yourself)"
             )
-        module.config = _with_overrides(module.config, overrides, groups.ep_size)
+        module.config = _with_overrides(module.config, overrides, groups.ep_size, device_type)
 
     def expert_parameters(self, module: MoELayer) -> dict[str, int]:
         expert_ids = {id(p) for p in module.expert_parameters()}
@@ -183,12 +187,13 @@ class HFModelKind:
         # The adapters check divisibility per layer before sharding anything (ExecutorBinding).
         return []
 
-    def shard(self, module: nn.Module, groups: MoEProcessGroups, overrides: dict[str, Any]) -> None:
+    def shard(self, module: nn.Module, groups: MoEProcessGroups, overrides: dict[str, Any],
+              device_type: str | None = None) -> None:
         from lightning_mpipemoe.hf_models.api import convert_model
 
         views = self.executors(module)
         base = next(iter(views.values())).config if views else ExecutorConfig()
-        convert_model(module, groups, _with_overrides(base, overrides, groups.ep_size))
+        convert_model(module, groups, _with_overrides(base, overrides, groups.ep_size, device_type))
 
     def expert_parameters(self, module: nn.Module) -> dict[str, int]:
         from lightning_mpipemoe.hf_models.api import sharded_expert_keys

@@ -355,7 +355,7 @@ class MPipeMoEStrategy(ExpertCheckpointMethods, DDPStrategy):
                     raise ValueError(f"MoE layer {unit.name!r}: {exc}") from exc
         for unit in units:
             try:
-                unit.kind.shard(unit.module, groups, self._overrides)
+                unit.kind.shard(unit.module, groups, self._overrides, self.root_device.type)
             except ValueError as exc:
                 raise ValueError(f"MoE unit {unit.name!r} at expert_parallel_size={groups.ep_size}: {exc}") from exc
         self._units = units

@@ -126,6 +126,23 @@ def test_config_auto_defaults_and_validation():
     assert budget_bytes(4096, 10) == 4096 and budget_bytes(8e9, 10) == 8_000_000_000 and budget_bytes(None, 1) is None
 
 
+def test_placement_narrows_the_default_candidates_where_partitions_cannot_overlap():
+    from lightning_mpipemoe.config import SimulatedLink, for_placement
+
+    auto, link = ExecutorConfig(), SimulatedLink(latency_s=1e-4, bandwidth_bytes_per_s=1e9)
+    assert for_placement(auto, 1, "cuda").candidates == (1,)  # one rank: no all-to-all at all
+    assert for_placement(auto, 2, "cpu").candidates == (1,)  # gloo's bytes move on the computing cores
+    assert for_placement(auto, 2, None).candidates is None  # device unknown: left to the tuner
+    assert for_placement(auto, 2, "cuda").candidates is None
+    assert for_placement(replace(auto, link=link), 2, "cpu").candidates is None  # a wire to overlap
+    named = ExecutorConfig(candidates=(1, 4))
+    assert for_placement(named, 2, "cpu") == named and for_placement(named, 1, "cpu") == named
+    fixed = ExecutorConfig(num_partitions=4)
+    assert for_placement(fixed, 2, "cpu") == fixed
+    budgeted = for_placement(ExecutorConfig(memory_budget=0.1), 2, "cpu")
+    assert budgeted.candidates == (1,) and budgeted.tunes_restore and budgeted.memory_budget == 0.1
+
+
 # -- ranges ------------------------------------------------------------------------------------
 
 
