@@ -55,6 +55,8 @@ same shapes; whether every rank found it rides along with the recomputation's ow
 and the digest cost a recomputation two host syncs beyond its count copy; a steady forward
 has none beyond that copy: its digest and load ride in it, see `load_key`.)
 
+The sessions' code is in `tuner_sessions.py` (a mixin of `LayerTuner`).
+
 Persistence: `state_dict()` / `load_state_dict()` (JSON-ready, see `tuning_store`) carry the
 range table and the calibration with a fingerprint of shapes, sizes and hardware; at its
 next call the layer adopts a loaded state only if every rank's fingerprint matches and
@@ -88,8 +90,9 @@ from lightning_mpipemoe.moe.dispatch import HostRider, group_size
 from lightning_mpipemoe.moe.experts import ExpertWeights
 from lightning_mpipemoe.moe.load_key import LoadExchange, agree_load, kept_counts, load_of, load_packet, routing_digest
 from lightning_mpipemoe.moe.memory import LayerShape
-from lightning_mpipemoe.moe.profiling import ProfileSample, _Candidate, _Session, paired_gap
+from lightning_mpipemoe.moe.profiling import ProfileSample, _Session
 from lightning_mpipemoe.moe.ranges import RangeTable
+from lightning_mpipemoe.moe.tuner_sessions import SessionMethods
 from lightning_mpipemoe.moe.tuning_store import FORMAT_VERSION, fingerprint, fingerprint_diff
 
 __all__ = ["LayerTuner", "ProfileSample", "RangeTable", "TunedCall", "TunerOwner", "agree_load", "kept_counts",
@@ -121,7 +124,7 @@ class TunedCall:
     riders: tuple[HostRider, ...] = ()
 
 
-class LayerTuner:
+class LayerTuner(SessionMethods):
     """The tuner of one MoE layer: granularity ranges, profiling sessions, strategy choice.
 
     A session that no training call joins for `STALL_CALLS` calls (its token count stopped
@@ -378,9 +381,6 @@ class LayerTuner:
             self._log_strategy(choice)
         return n, choice.restore, None
 
-    def _joins(self, session: _Session, key: int) -> bool:
-        return abs(math.log(key / session.key)) <= math.log1p(self.tolerance)
-
     def _shape(self, key: int) -> LayerShape:
         top_k, experts, dtype, ep_size, device, _ = self._shape_args
         return LayerShape(tokens=-(-key // top_k), top_k=top_k, hidden=experts.hidden_size,
@@ -449,83 +449,6 @@ class LayerTuner:
             self._warned_over.add(key)
             logger.warning("moe tuner%s: %s", self._label(), best.explain(self._calibration))
         return best.num_partitions, best
-
-    def _start_session(self, key: int) -> _Session | None:
-        # The candidates monotonicity allows, and one beyond each side: a neighbour measured
-        # wrong by noise must not fence the truth out (RangeTable.insert repairs it).
-        low, high = self._table.bounds(key)
-        candidates = list(self._table.candidates)
-        first = max(0, candidates.index(low) - 1) if low in candidates else 0
-        last = min(len(candidates) - 1, candidates.index(high) + 1) if high in candidates else len(candidates) - 1
-        # Each n with the model's strategy, and with those the model cannot tell from it.
-        choices = [self._modelled(n, key) for n in candidates[first : last + 1]]
-        fits = [_Candidate(ch.num_partitions, s)
-                for ch in choices if not ch.over_budget for s in self._close_to_pick(ch)]
-        if len(fits) <= 1:  # nothing to compare: the range needs no profiling
-            n = fits[0].n if fits else self._feasible(low, key)[0]
-            self._table.insert(key, n)
-            return None
-        self._session = _Session(key, fits)
-        self._session.start_round()
-        self._session.warmup = self.warmup * len(fits)
-        return self._session
-
-    def _advance_session(self, ep_group: ProcessGroup | None) -> None:
-        """At a training call: once every live candidate ran this round, agree on the round's
-        times (all-reduce max: the slowest rank's is the call's), prune, and finish when the
-        leader is settled (or after `max_rounds`)."""
-        session = self._session
-        if session is None or session.queue:
-            return
-        values = []
-        for index in session.order:
-            sample = session.local.get(index)
-            values.extend(sample.per_row() if sample is not None else (math.inf, math.inf))
-        agreed = all_reduce(torch.tensor(values, dtype=torch.float64), ep_group, dist.ReduceOp.MAX,
-                            device=self._shape_args[4], site="tuner.session_round").tolist()
-        session.history.append({index: (agreed[2 * j], agreed[2 * j + 1]) for j, index in enumerate(session.order)})
-        rounds = len(session.history)
-        # Sequential decision on paired log-ratios against the leader: a candidate significantly
-        # (2 standard errors) slower by more than prune_margin goes (before min_rounds only a
-        # gross loser, by GROSS_MARGIN); the session ends when no other candidate can be more
-        # than `settle` faster than the leader (2 standard errors, its own or the pooled noise,
-        # whichever is larger), or at max_rounds.
-        z = 2.0
-        leader, *others = session.ranking()
-        margin = self.prune_margin if rounds >= self.min_rounds else self.GROSS_MARGIN
-        open_questions = 0
-        pooled_se = session.pair_se()
-        for other in others:
-            gap, se = paired_gap(session.ratios(leader, other))
-            if rounds >= 2 and gap - z * se > math.log1p(margin):
-                session.candidates[other].live = False
-            elif z * max(se, pooled_se) - gap > math.log1p(self.settle):
-                open_questions += 1  # it might still be more than `settle` faster than the leader
-        live = sum(c.live for c in session.candidates)
-        if live == 1 or rounds >= self.max_rounds or (rounds >= self.min_rounds and open_questions == 0):
-            self._finish_session(session)
-            return
-        session.start_round()
-
-    def _finish_session(self, session: _Session) -> None:
-        best = session.candidates[session.ranking()[0]]
-        n = self._table.insert(session.key, best.n)
-        if best.n == n and sum(c.n == n for c in session.candidates) > 1:
-            self._measured[session.key] = (n, best.restore)  # strategies were measured at n: keep the fastest
-        seconds = [session.median_seconds(i) for i in range(len(session.candidates))]
-        self._profiles[session.key] = {self._label_of(c, session): t for c, t in zip(session.candidates, seconds)}
-        self._session = None
-        timings = ", ".join(
-            f"n={c.n}/{c.restore} {t * 1e3:.1f}{'*' if c is best and c.n == n else ('' if c.live else ' (pruned)')}"
-            for c, t in zip(session.candidates, seconds))
-        self._log(f"{session.key} rows -> n={n}; median ms per call: {timings} ({len(session.history)} rounds)")
-        self._log_strategy(self._strategy(n, session.key))
-
-    def _label_of(self, candidate: _Candidate, session: _Session) -> str:
-        """`n4`, or `n4_s1` for a strategy measured beside the model's pick at n=4."""
-        if candidate.restore == self._modelled(candidate.n, session.key).restore:
-            return f"n{candidate.n}"
-        return f"n{candidate.n}_{candidate.restore}"
 
     # -- reporting ---------------------------------------------------------------------------
     def _label(self) -> str:
