@@ -178,44 +178,30 @@ grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_
 # --- eager: the same kernels and formulas without the custom-op dispatch -------------------
 
 
-# Old-style `forward(ctx, ...)`: a Function with a separate `setup_context` binds its arguments
-# through `inspect.signature` on every call, which costs as much as the dispatch saved here.
+def _eager_function(method: str, setup, formula) -> type[torch.autograd.Function]:
+    """The backend's `method` as an autograd Function with the op's `setup` and backward
+    `formula`. Old-style `forward(ctx, ...)`: a Function with a separate `setup_context` binds
+    its arguments through `inspect.signature` on every call, which costs as much as the
+    dispatch saved here."""
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            out = getattr(backend_for(inputs[0].device), method)(*inputs)
+            setup(ctx, inputs, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            return formula(ctx, grad, eager=True)
+
+    Eager.__name__ = Eager.__qualname__ = f"Eager_{method}"
+    return Eager
 
 
-class _EagerPermute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden_TH, src_row_S, pos_TK):
-        rows_SH = backend_for(hidden_TH.device).permute(hidden_TH, src_row_S, pos_TK)
-        _permute_setup(ctx, (hidden_TH, src_row_S, pos_TK), rows_SH)
-        return rows_SH
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _permute_backward(ctx, grad, eager=True)
-
-
-class _EagerUnpermute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows_SH, pos_TK, weights_TK):
-        out_TH = backend_for(rows_SH.device).unpermute(rows_SH, pos_TK, weights_TK)
-        _unpermute_setup(ctx, (rows_SH, pos_TK, weights_TK), out_TH)
-        return out_TH
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _unpermute_backward(ctx, grad, eager=True)
-
-
-class _EagerGroupedMM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_SD, w_EOD, offsets_E):
-        y_SO = backend_for(x_SD.device).grouped_mm(x_SD, w_EOD, offsets_E)
-        _grouped_mm_setup(ctx, (x_SD, w_EOD, offsets_E), y_SO)
-        return y_SO
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _grouped_mm_backward(ctx, grad, eager=True)
+_EagerPermute = _eager_function("permute", _permute_setup, _permute_backward)
+_EagerUnpermute = _eager_function("unpermute", _unpermute_setup, _unpermute_backward)
+_EagerGroupedMM = _eager_function("grouped_mm", _grouped_mm_setup, _grouped_mm_backward)
 
 
 def _eager() -> bool:
