@@ -9,6 +9,7 @@ agreement across ranks (also when the ranks measure different timings).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import replace
 
@@ -403,6 +404,17 @@ def test_budget_constrains_the_joint_choice():
     assert tuner.calibration is not None and tuner.budget_bytes == budget
     assert all(restore != "none" and sizes[(n, restore)] <= budget for n, restore, _, _ in tuner.calls)
     assert tuner.table.points[0][0] == key
+
+
+def test_a_budget_nothing_fits_warns_once_per_fallback_not_per_key(caplog):
+    """Keys that drift call after call take the same smallest-footprint fallback: one warning."""
+    experts, tuner = make_experts(E), LayerTuner()
+    config = ExecutorConfig(memory_budget=1)
+    with caplog.at_level(logging.WARNING, logger="lightning_mpipemoe.tuner"):
+        for step, tokens in enumerate((40, 64, 100, 160)):  # keys more than the tolerance apart
+            fwd_bwd(expert_parallel_forward, make_batch(tokens, E, seed=step), experts, config=config, tuner=tuner)
+    warnings = [r for r in caplog.records if "fits no strategy" in r.getMessage()]
+    assert len(tuner.table) == 4 and len(warnings) == 1, [r.getMessage() for r in warnings]
 
 
 class NearTieTuner(RecordingTuner):

@@ -193,7 +193,7 @@ class LayerTuner(SessionMethods):
         self._measured: dict[int, tuple[int, str]] = {}  # key -> (n, restore) a session measured fastest
         self._last: tuple[int, str, int] | None = None  # (n, restore, key) of the latest call
         self._logged_restore: str | None = None
-        self._warned_over: set[int] = set()
+        self._warned_over: set[tuple[int, str]] = set()  # fallbacks (n, restore) warned of
         self.profile_calls = 0
 
     # -- the executor's entry ----------------------------------------------------------------
@@ -445,8 +445,11 @@ class LayerTuner(SessionMethods):
                 return c, choice
         choices = [self._strategy(c, key) for c in self._table.candidates]
         best = min(choices, key=lambda ch: (ch.footprints[ch.restore], ch.num_partitions))
-        if key not in self._warned_over and _rank_zero():
-            self._warned_over.add(key)
+        # Once per fallback (n, strategy), not per key: a drifting load brings a new key every
+        # few steps, and the advice (a larger budget, more ranks) is the same for all of them.
+        fallback = (best.num_partitions, best.restore)
+        if fallback not in self._warned_over and _rank_zero():
+            self._warned_over.add(fallback)
             logger.warning("moe tuner%s: %s", self._label(), best.explain(self._calibration))
         return best.num_partitions, best
 
