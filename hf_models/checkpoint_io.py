@@ -303,17 +303,21 @@ def load_sharded(
                 value = _read_expert_target(target, converter, sources, reader, sharded[target], rows, model)
             else:
                 value = _read_full_target(target, converter, sources, reader, model)
-            if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"{target}: checkpoint gives shape {tuple(value.shape)}, model expects {tuple(param.shape)}"
-                )
             with torch.no_grad():
-                param.copy_(value.to(param.dtype))
-            param._is_hf_initialized = True
+                _assign_loaded(target, param, param, value, "model expects")
             loaded.add(target)
     _finish_loading(model, set(targets) - loaded)
     setattr(model, SOURCE_DIR_ATTR, str(model_dir))
     return model
+
+
+def _assign_loaded(target: str, param: torch.Tensor, local: torch.Tensor, value: torch.Tensor, expects: str) -> None:
+    """Copy a read checkpoint value into `local` (the parameter, or this rank's shard of it) after
+    checking its shape, and mark `param` initialised for transformers (no re-init)."""
+    if tuple(value.shape) != tuple(local.shape):
+        raise ValueError(f"{target}: checkpoint gives shape {tuple(value.shape)}, {expects} {tuple(local.shape)}")
+    local.copy_(value.to(local.dtype))
+    param._is_hf_initialized = True
 
 
 def _finish_loading(model: PreTrainedModel, missing: set[str]) -> None:

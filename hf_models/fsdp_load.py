@@ -33,6 +33,7 @@ from .checkpoint_io import (
     SOURCE_DIR_ATTR,
     LoadReport,
     _checkpoint_index,
+    _assign_loaded,
     _finish_loading,
     _model_class,
     _plan_sources,
@@ -112,11 +113,7 @@ def load_fsdp(
                     value = _read_full_target(target, converter, sources, reader, model)[start:end]
             else:
                 value = _read_full_target(target, converter, sources, reader, model)
-            if tuple(value.shape) != tuple(local.shape):
-                raise ValueError(f"{target}: checkpoint gives shape {tuple(value.shape)}, this rank's shard is "
-                                 f"{tuple(local.shape)}")  # fmt: skip
-            local.copy_(value.to(local.dtype))
-            param._is_hf_initialized = True
+            _assign_loaded(target, param, local, value, "this rank's shard is")
             loaded.add(target)
     _finish_loading(model, set(targets) - loaded)
     setattr(model, SOURCE_DIR_ATTR, str(model_dir))
